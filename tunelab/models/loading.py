@@ -1,0 +1,118 @@
+"""Build a ``Decoder`` from an HF-format directory, and save one back in HF format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import device as dev
+from tunelab.errors import TunelabError
+from tunelab.models.config import ModelConfig
+from tunelab.models.decoder import Decoder
+from tunelab.models.weights import atomic_directory, load_state_dict, save_state_dict
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def load_model(
+    model_dir: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Decoder:
+    """Load the decoder from ``model_dir`` onto ``device`` (auto) in ``dtype`` (device default)."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    device = dev.resolve_device(device)
+    if isinstance(dtype, str):
+        dtype = dev.parse_dtype(dtype)
+    dtype = dtype or dev.default_dtype(device)
+    state = load_state_dict(model_dir, config, device, dtype)
+    with torch.device("meta"):
+        model = Decoder(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary.reset(device)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not meta, f"parameters left on meta: {meta[:3]}"
+    log.info("loaded %s (%s, %.0fM params) on %s as %s", model_dir, config.model_type,
+             config.num_params / 1e6, device, dtype)
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved with the model (it carries the chat template)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        raise TunelabError(
+            f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Copy the "
+            "tokenizer files of the base model into it."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+
+
+def save_pretrained(
+    model: Decoder,
+    tokenizer: Any,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    generation_config: dict | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+) -> Path:
+    """Write ``model`` + ``tokenizer`` as an HF directory that ``transformers`` loads unchanged.
+
+    The directory is built aside and renamed into place, so it is complete or absent.
+    """
+    out_dir = Path(out_dir)
+    dtype = dtype or model.dtype
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_state_dict(state, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2))
+        gen = generation_config or default_generation_config(model.config)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
+    cfg = dict(config.raw)
+    arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    cfg.setdefault("architectures", [f"{arch[config.model_type]}ForCausalLM"])
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = DTYPE_NAMES[dtype]
+    return cfg
+
+
+def default_generation_config(config: ModelConfig) -> dict:
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.pad_token_id is not None:
+        gen["pad_token_id"] = config.pad_token_id
+    return {k: v for k, v in gen.items() if v is not None}
+
+
+def read_generation_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def copy_extra_files(src: Path, dst: Path, names: tuple[str, ...] = ("README.md", "LICENSE")):
+    """Carry licence and model card along on conversion."""
+    for name in names:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
