@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,7 @@ def make_tiny_model(tmp_path_factory, tiny_tokenizer) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def make(model_type: str = "llama", **overrides) -> Path:
-        key = (model_type, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+        key = (model_type, json.dumps(overrides, sort_keys=True))
         if key in cache:
             return cache[key]
         cls_name, arch_defaults = TINY_ARCHS[model_type]

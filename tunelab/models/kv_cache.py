@@ -22,12 +22,18 @@ class KVCache:
         dtype: torch.dtype,
     ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
+        ]
+        self.v = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
+        ]
         self.max_len = max_len
         self.length = 0  # slots filled before the current forward
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, n_kv, T, hd) keys/values; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:

@@ -42,8 +42,14 @@ def load_model(
     model.model.rotary.reset(device)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     assert not meta, f"parameters left on meta: {meta[:3]}"
-    log.info("loaded %s (%s, %.0fM params) on %s as %s", model_dir, config.model_type,
-             config.num_params / 1e6, device, dtype)
+    log.info(
+        "loaded %s (%s, %.0fM params) on %s as %s",
+        model_dir,
+        config.model_type,
+        config.num_params / 1e6,
+        device,
+        dtype,
+    )
     return model.eval()
 
 

@@ -146,7 +146,7 @@ def save_state_dict(
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-class atomic_directory:  # noqa: N801 - used like a function: `with atomic_directory(out) as tmp`
+class atomic_directory:  # lower-case: reads like a function in `with atomic_directory(out)`
     """Build a directory in a temp sibling, fsync it, then rename it into place.
 
     A crash midway leaves no partial ``out``; an existing ``out`` is refused unless

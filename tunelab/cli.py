@@ -1,0 +1,202 @@
+"""``tunelab VERB ...``: parse flags, call the stage function, turn user errors into one line.
+
+No logic lives here: each verb maps to one function in its stage module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+# ---- verbs ----------------------------------------------------------------------------------
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from tunelab.env import run
+
+    return run(as_json=args.json)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tunelab.models.convert import convert
+
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.engine.simple import SimpleGenerator
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
+    if args.raw:
+        ids = gen.encode_text(prompt)
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        ids = gen.encode_chat([*system, {"role": "user", "content": prompt}])
+    for delta in gen.stream(ids, sampling_params(args)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.chat import run_chat
+    from tunelab.engine.simple import SimpleGenerator
+
+    gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
+    run_chat(gen, sampling_params(args), system=args.system)
+    return 0
+
+
+def sampling_params(args: argparse.Namespace):
+    from tunelab.engine.sampler import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+
+
+# ---- parser ---------------------------------------------------------------------------------
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model spec: 'default' (embedded SmolLM2-135M-Instruct), a local HF directory, "
+        "a .gguf file, org/name or hf://org/name (Hugging Face), modelscope://org/name "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N, npu, npu:N, mps or cpu (default: best available; env TUNELAB_DEVICE)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="compute dtype (default: bf16 on GPUs/NPUs that support it, fp32 on CPU)",
+    )
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="0 = greedy; higher = more random (default: 0.7)",
+    )
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument(
+        "--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)"
+    )
+    g.add_argument("--system", default=None, help="system prompt")
+
+
+VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "env": (cmd_env, "diagnose Python, torch, drivers, devices and known problems"),
+    "convert": (cmd_convert, "convert a model (GGUF or any spec) to an HF-format directory"),
+    "generate": (cmd_generate, "complete one prompt and print the answer"),
+    "chat": (cmd_chat, "interactive chat with streamed answers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune, export, serve and evaluate open LLMs on CUDA, Ascend NPU or CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    parsers = {
+        name: sub.add_parser(name, help=help_, description=help_)
+        for name, (_, help_) in VERBS.items()
+    }
+
+    parsers["env"].add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = parsers["convert"]
+    p.add_argument("src", help="model spec to convert (a .gguf file, a directory, a hub id)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="weight dtype (default: fp32 for GGUF, else the source's dtype)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = parsers["generate"]
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="the prompt ('-' reads stdin)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as plain text instead of one chat-templated user message",
+    )
+    _add_sampling_flags(p)
+
+    p = parsers["chat"]
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    return parser
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(show_path=debug, show_time=False, rich_tracebacks=debug)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug, args.quiet)
+    handler = VERBS[args.verb][0]
+    try:
+        return handler(args)
+    except TunelabError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generation: sampler, detokenizer, the simple generator (and later the paged engine)."""
