@@ -157,7 +157,7 @@ class SimpleGenerator:
         )
         slots = torch.arange(longest + max_new, device=device)
         pad_t = torch.tensor(pads, device=device)[:, None]
-        key_valid = slots[None, :] >= pad_t  # (B, S)
+        key_valid = slots[None, :] >= pad_t if any(pads) else None  # (B, S)
         positions = (slots[None, :] - pad_t).clamp(min=0)  # (B, S)
         cache = KVCache(self.model.config, B, longest + max_new, device, self.model.dtype)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)

