@@ -34,6 +34,8 @@ def load_model(
     if isinstance(dtype, str):
         dtype = dev.parse_dtype(dtype)
     dtype = dtype or dev.default_dtype(device)
+    if dtype == torch.bfloat16 and not dev.supports_bf16(device):
+        raise TunelabError(f"{device} does not support bf16; use --dtype fp16 or fp32 instead.")
     state = load_state_dict(model_dir, config, device, dtype)
     with torch.device("meta"):
         model = Decoder(config)
