@@ -13,9 +13,12 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from tunelab.cli import main
 from tunelab.default_model import GGUF_MEMBER, default_gguf_path
 from tunelab.errors import TunelabError
+from tunelab.hub import resolve_model
 from tunelab.models.gguf_import import GGUFCheckpoint, read_gguf
+from tunelab.models.loading import load_model
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -259,18 +262,16 @@ def test_default_model_matches_transformers(default_gguf: Path, checkpoint, ours
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(tensor, reference_weights[name], rtol=0, atol=0, msg=name)
     ids = tok(prompt, return_tensors="pt").input_ids
+    decoder = load_model(resolve_model("default"), device="cpu", dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+        expected = reference(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        # The cached default model (converted by `tunelab convert` logic) through our decoder.
+        torch.testing.assert_close(decoder(ids), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_default_model_answers_paris(checkpoint: GGUFCheckpoint, ours) -> None:
-    tok = checkpoint.tokenizer
-    encoded = tok.apply_chat_template(
-        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    ids = encoded["input_ids"]
-    with torch.no_grad():
-        out = ours.generate(ids, max_new_tokens=16, do_sample=False, **checkpoint.generation_config)
-    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    assert "Paris" in answer, answer
+def test_cli_generate_answers_paris(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "--model", "default", "--device", "cpu", "--temperature", "0"]
+    assert main([*argv, "--prompt", "What is the capital of France?"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -1,0 +1,22 @@
+"""Benchmark scripts run end to end on a tiny shape (correctness only; times are never checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_throughput_tiny_runs_and_tokens_match():
+    cmd = [sys.executable, str(ROOT / "bench" / "generate_throughput.py"), "--shape", "tiny"]
+    cmd += ["--batch-sizes", "1,2", "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1"]
+    cmd += ["--device", "cpu"]
+    # One thread: tiny matmuls on a shared, busy CPU are much faster without thread hand-offs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELAB_DEVICE": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tokens match: yes" in proc.stdout, proc.stdout
+    assert "| batch | ours tok/s | hf tok/s | ours/hf |" in proc.stdout
