@@ -66,8 +66,14 @@ def test_sampling_follows_distribution():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": 0}, {"stop": [""]},
-     {"repetition_penalty": 0}],
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -1},
+        {"max_tokens": 0},
+        {"stop": [""]},
+        {"repetition_penalty": 0},
+    ],
 )
 def test_invalid_params_name_the_field(kwargs):
     with pytest.raises(TunelabError, match=next(iter(kwargs))):

@@ -36,6 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.engine.simple import SimpleGenerator
 
+    params = sampling_params(args)  # bad flags fail before a model is fetched or loaded
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
     if args.raw:
@@ -43,7 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []
         ids = gen.encode_chat([*system, {"role": "user", "content": prompt}])
-    for delta in gen.stream(ids, sampling_params(args)):
+    for delta in gen.stream(ids, params):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -54,8 +55,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.chat import run_chat
     from tunelab.engine.simple import SimpleGenerator
 
+    params = sampling_params(args)  # bad flags fail before a model is fetched or loaded
     gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
-    run_chat(gen, sampling_params(args), system=args.system)
+    run_chat(gen, params, system=args.system)
     return 0
 
 
@@ -171,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(show_path=debug, show_time=False, rich_tracebacks=debug)
+    console = Console(stderr=True)  # stdout carries only the answer (`generate ... > out.txt`)
+    handler = RichHandler(console=console, show_path=debug, show_time=False, rich_tracebacks=debug)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)

@@ -90,7 +90,9 @@ def _from_hf_hub(spec: str, repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types; all mean "not available"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "offline mode (HF_HUB_OFFLINE=1) and not in the local cache" if offline else str(e)
+        why = str(e) or type(e).__name__  # some errors have an empty message
+        if offline:
+            why = "offline mode (HF_HUB_OFFLINE=1) and not in the local cache"
         raise TunelabError(
             f"model {spec!r}: not a local directory or .gguf file, and the Hugging Face hub "
             f"({endpoint}) could not provide {repo_id!r}: {why.splitlines()[0]}. Check the "
@@ -110,7 +112,8 @@ def _from_modelscope(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:
+        why = str(e) or type(e).__name__  # some errors have an empty message
         raise TunelabError(
-            f"ModelScope could not provide {repo_id!r}: {str(e).splitlines()[0]}. Check the "
+            f"ModelScope could not provide {repo_id!r}: {why.splitlines()[0]}. Check the "
             "name and your network, or download the model and pass its directory."
         ) from e

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tunelab import device as dev
+from tunelab.errors import TunelabError
 from tunelab.models.config import ModelConfig
 from tunelab.models.decoder import Decoder
 from tunelab.models.loading import (
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 def convert(spec: str, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Write the model named by ``spec`` as an HF directory in ``dtype`` (default: as stored)."""
+    if Path(out).exists() and not overwrite:  # before loading a possibly huge model
+        raise TunelabError(f"{out} already exists; choose another --out or pass --overwrite.")
     if str(spec).endswith(".gguf") and Path(spec).expanduser().is_file():
         return convert_gguf(Path(spec).expanduser(), out, dtype, overwrite)
     from tunelab.hub import resolve_model
