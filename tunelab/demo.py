@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(debug=False, quiet=False)
 
     generator = SimpleGenerator.load(args.model, device=args.device)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, repetition_penalty=1.1)
-    session = ChatSession(system="You are a concise, helpful assistant.")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    session = ChatSession()  # the model's own default system prompt
     print(f"== scripted chat with {args.model} on {generator.model.device} ==")
     for question in SCRIPT:
         print(f"{PROMPT}{question}")
