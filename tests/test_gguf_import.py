@@ -43,9 +43,8 @@ def _tiny_model(model_type: str, tie: bool, **extra) -> transformers.PreTrainedM
         **extra,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
-    with (
-        torch.no_grad()
-    ):  # random norms/biases too, so a wrong mapping cannot hide behind init values
+    # Random norms/biases too, so a wrong mapping cannot hide behind init values.
+    with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.2)
     return model
