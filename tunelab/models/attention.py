@@ -8,12 +8,14 @@ beside it when the trainer and the engine need them.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunelab.models.config import ModelConfig
+from tunelab.models.kv_cache import KVCache
 
 CAUSAL = "causal"
 AttnMask = torch.Tensor | str | None  # CAUSAL, None (all keys visible) or a boolean tensor
@@ -156,3 +158,28 @@ def dense_attention(
     if isinstance(mask, str):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class AttentionContext(Protocol):
+    """How the layers of one forward pass attend: the swappable attention op.
+
+    ``attend`` gets the layer index, its sliding window (None = full), and this step's
+    queries (B, H, T, D) and keys/values (B, Hkv, T, D) after RoPE; it stores keys/values
+    wherever its cache lives and returns the attention output (B, H, T, D).
+    """
+
+    def attend(
+        self, layer: int, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class DenseAttention:
+    """SDPA over whole sequences, optionally after a contiguous ``KVCache``."""
+
+    def __init__(self, masks: dict[int | None, AttnMask], cache: KVCache | None = None):
+        self.masks, self.cache = masks, cache
+
+    def attend(self, layer, window, q, k, v):
+        if self.cache is not None:
+            k, v = self.cache.update(layer, k, v)  # (B, n_kv, S, hd), S = cached + T
+        return dense_attention(q, k, v, self.masks[window])

@@ -12,11 +12,12 @@ from torch import nn
 
 from tunelab.models.attention import (
     CAUSAL,
+    AttentionContext,
     AttnMask,
+    DenseAttention,
     RotaryEmbedding,
     apply_rope,
     build_mask,
-    dense_attention,
 )
 from tunelab.models.config import ModelConfig
 from tunelab.models.kv_cache import KVCache
@@ -56,11 +57,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: AttnMask,
-        cache: KVCache | None,
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionContext
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -70,9 +67,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd), S = cached + T
-        out = dense_attention(q, k, v, mask)  # (B, nh, T, hd)
+        out = attn.attend(self.layer, self.window, q, k, v)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -96,8 +91,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(self, x, rope, attn: AttentionContext):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,23 +115,26 @@ class DecoderBody(nn.Module):
         positions: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attn: AttentionContext | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> hidden states (B, T, hidden).
 
         ``positions`` (B, T) default to ``cached + arange(T)``. ``key_valid`` (B, S) marks
         non-padding tokens over the whole cache + new tokens (False for left padding); None
-        means there is no padding.
+        means there is no padding. ``attn`` replaces the dense attention (packed training,
+        the paged engine); it then owns the cache, and ``positions`` must be given.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        slots = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if positions is None:
-            positions = slots
+        if attn is None:
+            start = cache.length if cache is not None else 0
+            slots = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            positions = slots if positions is None else positions
+            attn = DenseAttention(self._masks(slots, key_valid, start, T), cache)
+        assert positions is not None, "an attention context needs explicit positions"
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        masks = self._masks(slots, key_valid, start, T)
         for layer in self.layers:
-            x = layer(x, rope, masks[layer.self_attn.window], cache)
+            x = layer(x, rope, attn)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -175,9 +173,10 @@ class Decoder(nn.Module):
         key_valid: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        attn: AttentionContext | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position with ``last_only``."""
-        hidden = self.model(input_ids, positions, key_valid, cache)
+        hidden = self.model(input_ids, positions, key_valid, cache, attn)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

@@ -1,0 +1,1 @@
+"""Data preparation: readers -> Conversation -> template + loss mask -> cached tokens -> packing."""

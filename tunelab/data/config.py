@@ -1,0 +1,43 @@
+"""The ``data`` section of a config file (shared by ``tunelab data`` and ``tunelab train``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Format = Literal[
+    "auto", "alpaca", "sharegpt", "messages", "text", "classification", "preference", "multimodal"
+]
+
+
+@dataclass
+class DataSource:
+    """One input: a file, a glob, or a directory saved by HF ``datasets``."""
+
+    path: str
+    weight: float = 1.0  # mixing weight: examples are sampled in proportion
+    format: Format | None = None  # overrides data.format for this source
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource | str] | DataSource | str = field(default_factory=list)
+    val: list[DataSource | str] | DataSource | str | None = None
+    split: float = 0.0  # fraction of train held out for validation when no val is given
+    format: Format = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> column in the file
+    role_tags: dict[str, str] = field(default_factory=dict)  # sharegpt "from" value -> role
+    max_length: int = 2048
+    truncation: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False  # train only on the last assistant answer
+    template: str | None = None  # a built-in template name or a Jinja string; default: tokenizer's
+    on_error: Literal["skip", "fail"] = "fail"
+    num_proc: int = 1
+    label_set: list[str] | None = None  # classification: allowed labels
+    prompt: str | None = None  # classification: prompt template with {field} placeholders
+    system: str | None = None  # a system prompt added to examples that have none
+    seed: int = 42
+    shuffle: bool = True
+    cache_dir: str | None = None  # default: $TUNELAB_HOME/data
