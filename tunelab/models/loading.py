@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from tunelab import device as dev
+from tunelab.atomic import atomic_directory
 from tunelab.errors import TunelabError
 from tunelab.models.config import ModelConfig
 from tunelab.models.decoder import Decoder
-from tunelab.models.weights import atomic_directory, load_state_dict, save_state_dict
+from tunelab.models.weights import load_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
 

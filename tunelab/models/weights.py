@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,43 +141,3 @@ def save_state_dict(
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
-
-
-class atomic_directory:  # lower-case: reads like a function in `with atomic_directory(out)`
-    """Build a directory in a temp sibling, fsync it, then rename it into place.
-
-    A crash midway leaves no partial ``out``; an existing ``out`` is refused unless
-    ``overwrite``.
-    """
-
-    def __init__(self, out: Path, overwrite: bool = False):
-        self.out, self.overwrite = Path(out), overwrite
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise TunelabError(f"{self.out} already exists; choose another --out or remove it.")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        self.tmp.chmod(0o755)  # mkdtemp makes it private
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,54 @@
+"""Atomic file-system writes: a directory is complete or absent, never half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+class atomic_directory:  # lower-case: reads like a function in `with atomic_directory(out)`
+    """Build a directory in a temp sibling, fsync it, then rename it into place.
+
+    A crash midway leaves no partial ``out``; an existing ``out`` is refused unless
+    ``overwrite``.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False):
+        self.out, self.overwrite = Path(out), overwrite
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise TunelabError(f"{self.out} already exists; choose another --out or remove it.")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        self.tmp.chmod(0o755)  # mkdtemp makes it private
+        old = None
+        if self.out.exists():  # move the old copy aside so `out` is never missing for long
+            old = self.out.with_name(f"{self.tmp.name}-old")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
