@@ -61,6 +61,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from tunelab.data.commands import run_prepare, run_show
+
+    if args.data_verb == "prepare":
+        return run_prepare(args.config, args.overrides)
+    return run_show(args.config, args.n, args.overrides)
+
+
 def sampling_params(args: argparse.Namespace):
     from tunelab.engine.sampler import SamplingParams
 
@@ -125,7 +133,11 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "convert": (cmd_convert, "convert a model (GGUF or any spec) to an HF-format directory"),
     "generate": (cmd_generate, "complete one prompt and print the answer"),
     "chat": (cmd_chat, "interactive chat with streamed answers"),
+    "data": (cmd_data, "prepare (tokenize + cache) or show training data from a config file"),
 }
+
+
+VERBS_WITH_OVERRIDES = ("data",)  # verbs reading a config file take --section.key overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["chat"]
     _add_model_flags(p)
     _add_sampling_flags(p)
+
+    data_sub = parsers["data"].add_subparsers(dest="data_verb", metavar="ACTION")
+    data_sub.required = True
+    overrides_help = (
+        "Any key of the config can be overridden on the command line: --SECTION.KEY VALUE, "
+        "e.g. --data.max_length 512 --data.packing true."
+    )
+    p = data_sub.add_parser(
+        "prepare",
+        help="tokenize and cache the data; print examples read, skipped, truncated, tokens",
+        description="Tokenize and cache the data section of CONFIG, then print statistics.",
+        epilog=overrides_help,
+    )
+    p.add_argument("config", help="YAML config with `model` and `data` sections")
+    p = data_sub.add_parser(
+        "show",
+        help="print rendered examples with the trained tokens highlighted",
+        description="Render the first examples through the chat template; trained tokens are "
+        "green on a terminal and inside [[ ]] otherwise.",
+        epilog=overrides_help,
+    )
+    p.add_argument("config", help="YAML config with `model` and `data` sections")
+    p.add_argument("-n", type=int, default=3, help="how many examples (default: 3)")
     return parser
 
 
@@ -187,7 +222,11 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.verb in VERBS_WITH_OVERRIDES:
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.debug, args.quiet)
     handler = VERBS[args.verb][0]
     try:

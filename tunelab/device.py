@@ -247,6 +247,20 @@ def manual_seed(seed: int) -> None:
         torch.npu.manual_seed_all(seed)
 
 
+def rng_state() -> dict | None:
+    """RNG states of every visible accelerator of the active type (saved in checkpoints)."""
+    for device_type in ("cuda", "npu"):
+        if _is_available(device_type):
+            return {"type": device_type, "states": _backend(device_type).get_rng_state_all()}
+    return None
+
+
+def set_rng_state(state: dict | None) -> None:
+    """Restore what ``rng_state`` saved (ignored when the accelerator type differs)."""
+    if state and _is_available(state["type"]):
+        _backend(state["type"]).set_rng_state_all(state["states"])
+
+
 def device_name(device: DeviceLike) -> str:
     """Human name of the device, e.g. "NVIDIA H100 80GB HBM3", "Ascend910B2", "cpu"."""
     device_type, index = _split(device)

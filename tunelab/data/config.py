@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 Format = Literal[
     "auto", "alpaca", "sharegpt", "messages", "text", "classification", "preference", "multimodal"
@@ -41,3 +42,18 @@ class DataConfig:
     seed: int = 42
     shuffle: bool = True
     cache_dir: str | None = None  # default: $TUNELAB_HOME/data
+
+
+def paths_relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the relative train/val paths of a raw data section relative to ``base``."""
+
+    def fix(item: Any) -> Any:
+        if isinstance(item, list):
+            return [fix(i) for i in item]
+        if isinstance(item, dict) and "path" in item:
+            return {**item, "path": fix(item["path"])}
+        if isinstance(item, str) and not Path(item).expanduser().is_absolute():
+            return str(base / item)
+        return item
+
+    return {k: fix(v) if k in ("train", "val") else v for k, v in data.items()}

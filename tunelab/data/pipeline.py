@@ -1,0 +1,230 @@
+"""Read -> encode (template + loss mask) -> cache as memory-mapped Arrow -> train/val split.
+
+The cache key is a fingerprint of everything that changes the tokens: the bytes of every
+input file, the tokenizer, the chat template and the data options. A second ``prepare`` on
+unchanged inputs loads the Arrow files from disk (memory-mapped, no re-tokenization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.atomic import atomic_directory
+from tunelab.data.config import DataConfig
+from tunelab.data.conversation import Conversation, Turn
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the encoding logic changes, so old caches are not reused
+# DataConfig fields that do not change the tokens (and so stay out of the fingerprint).
+NOT_IN_FINGERPRINT = {"num_proc", "cache_dir", "packing", "on_error"}
+
+
+@dataclass
+class DataStats:
+    examples_read: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason"}
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    train_examples: int = 0
+    val_examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    packing_efficiency: float | None = None
+    cache_hit: bool = False
+    cache_path: str = ""
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with columns input_ids, labels, length
+    val: Any | None
+    stats: DataStats
+
+
+def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    """Tokenize the data described by ``cfg`` (cached) and split it into train / val."""
+    from tunelab.data.formats import read_sources
+    from tunelab.data.templates import resolve_template
+
+    if not cfg.train:
+        raise TunelabError("data.train is empty; give a file, glob or list of files to train on.")
+    template = resolve_template(tokenizer, cfg.template)
+    files = input_files(cfg.train) + (input_files(cfg.val) if cfg.val else [])
+    cache = cache_root(cfg) / fingerprint(cfg, tokenizer, template, files)
+    if (cache / "stats.json").exists():
+        return _load_cached(cache)
+
+    train_read = read_sources(cfg.train, cfg)
+    val_read = read_sources(cfg.val, cfg) if cfg.val else None
+    reads = [r for r in (train_read, val_read) if r is not None]
+    stats = DataStats(
+        examples_read=sum(len(r.conversations) for r in reads),
+        skipped=[dataclasses.asdict(s) for r in reads for s in r.skipped],
+    )
+    train = _encode_all(train_read.conversations, tokenizer, template, cfg, stats)
+    val = _encode_all(val_read.conversations, tokenizer, template, cfg, stats) if val_read else None
+    if cfg.shuffle:
+        train = train.shuffle(seed=cfg.seed).flatten_indices()
+    if val is None and cfg.split > 0:
+        train, val = _split(train, cfg.split, cfg.seed)
+    _fill_counts(stats, train, val, cfg)
+    with atomic_directory(cache, overwrite=True) as tmp:
+        train.save_to_disk(str(tmp / "train"))
+        if val is not None:
+            val.save_to_disk(str(tmp / "val"))
+        (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2))
+    log.info(
+        "cached %d train / %d val examples in %s", stats.train_examples, stats.val_examples, cache
+    )
+    prepared = _load_cached(cache)
+    prepared.stats.cache_hit = False
+    return prepared
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    from tunelab.default_model import tunelab_home
+
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else tunelab_home() / "data"
+
+
+def input_files(sources: Any) -> list[Path]:
+    """Every file behind the data sources (directories expanded), in a stable order."""
+    from tunelab.data.formats import expand_paths
+
+    items = sources if isinstance(sources, list) else [sources]
+    paths = [p for item in items for p in expand_paths(getattr(item, "path", item))]
+    return [
+        f
+        for p in paths
+        for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
+    ]
+
+
+def fingerprint(cfg: DataConfig, tokenizer: Any, template: str, files: list[Path]) -> str:
+    """A stable hash of file bytes, tokenizer, template and the options that shape tokens."""
+    h = hashlib.sha256(f"tunelab-data-v{CACHE_VERSION}".encode())
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    h.update(template.encode())
+    h.update(_tokenizer_identity(tokenizer).encode())
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def _tokenizer_identity(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True)
+    return hashlib.sha256((body + specials).encode()).hexdigest()
+
+
+def conversation_to_json(conv: Conversation) -> str:
+    return json.dumps(dataclasses.asdict(conv), ensure_ascii=False)
+
+
+def conversation_from_json(text: str) -> Conversation:
+    data = json.loads(text)
+    data["turns"] = [Turn(**t) for t in data["turns"]]
+    return Conversation(**data)
+
+
+def _encode_all(convs: list[Conversation], tokenizer, template: str, cfg: DataConfig, stats):
+    """Encode with ``datasets.map`` (``num_proc`` workers); count truncations and drops."""
+    import datasets
+
+    raw = datasets.Dataset.from_dict({"conv": [conversation_to_json(c) for c in convs]})
+    encoder = _Encoder(tokenizer, template, cfg)
+    encoded = raw.map(
+        encoder,
+        remove_columns=["conv"],
+        num_proc=cfg.num_proc if cfg.num_proc > 1 and len(convs) >= 2 * cfg.num_proc else None,
+        desc="tokenizing",
+    )
+    status = encoded["status"]
+    stats.truncated += status.count("truncated")
+    stats.dropped_too_long += status.count("too_long")
+    stats.dropped_no_target += status.count("no_target")
+    kept = encoded.filter(lambda s: s in ("ok", "truncated"), input_columns="status")
+    return kept.remove_columns("status")
+
+
+class _Encoder:
+    """Picklable map function for ``datasets`` workers."""
+
+    def __init__(self, tokenizer, template: str, cfg: DataConfig):
+        self.tokenizer, self.template, self.cfg = tokenizer, template, cfg
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        from tunelab.data.templates import IGNORE_INDEX, encode
+
+        conv = conversation_from_json(row["conv"])
+        cfg = self.cfg
+        kwargs = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
+        full = encode(conv, self.tokenizer, self.template, **kwargs)
+        if full is None or all(x == IGNORE_INDEX for x in full.labels):
+            return _row([], [], "no_target")
+        if len(full.input_ids) <= cfg.max_length:
+            return _row(full.input_ids, full.labels, "ok")
+        if cfg.truncation == "drop":
+            return _row([], [], "too_long")
+        ids, labels = full.input_ids[: cfg.max_length], full.labels[: cfg.max_length]
+        if all(x == IGNORE_INDEX for x in labels):
+            return _row([], [], "no_target")
+        return _row(ids, labels, "truncated")
+
+
+def _row(ids: list[int], labels: list[int], status: str) -> dict[str, Any]:
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status}
+
+
+def _split(train, fraction: float, seed: int):
+    if not 0 < fraction < 1:
+        raise TunelabError(f"data.split must be between 0 and 1 (got {fraction}).")
+    n_val = max(1, round(len(train) * fraction))
+    if n_val >= len(train):
+        raise TunelabError(
+            f"data.split={fraction} leaves no training examples out of {len(train)}; "
+            "lower it or give data.val."
+        )
+    parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _fill_counts(stats: DataStats, train, val, cfg: DataConfig) -> None:
+    from tunelab.data.packing import pack_greedy, packing_efficiency
+    from tunelab.data.templates import IGNORE_INDEX
+
+    if len(train) == 0:
+        raise TunelabError(
+            "no training examples left after encoding (all dropped by truncation or with no "
+            "trained tokens); raise data.max_length or check the data with `tunelab data show`."
+        )
+    stats.train_examples, stats.val_examples = len(train), len(val) if val is not None else 0
+    lengths = train["length"]
+    stats.tokens = sum(lengths)
+    stats.trained_tokens = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in train["labels"])
+    bins = pack_greedy(lengths, cfg.max_length)
+    stats.packing_efficiency = packing_efficiency(lengths, bins, cfg.max_length)
+
+
+def _load_cached(cache: Path) -> PreparedData:
+    import datasets
+
+    stats = DataStats(**json.loads((cache / "stats.json").read_text()))
+    stats.cache_hit, stats.cache_path = True, str(cache)
+    train = datasets.load_from_disk(str(cache / "train"))
+    val = datasets.load_from_disk(str(cache / "val")) if (cache / "val").exists() else None
+    return PreparedData(train, val, stats)

@@ -1,0 +1,126 @@
+"""Atomic, exactly-resumable checkpoints.
+
+``run_dir/checkpoints/step-N/`` holds the trainable weights (for LoRA the PEFT-format adapter
+files directly inside, so ``peft`` loads a checkpoint as is), the optimizer and scheduler
+states, every RNG state and the data position. Each is written to a temp dir and renamed,
+so a crash leaves the previous checkpoint intact; only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.atomic import atomic_directory
+from tunelab.errors import TunelabError
+
+STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"  # full / freeze: the trained tensors
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: enough to continue it exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # recent log rows
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs of an interrupted save are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainerState,
+    save_weights,  # callable(dir): writes the trainable weights in the method's format
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    keep_last: int,
+) -> Path:
+    out = checkpoint_dir(run_dir, state.step)
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_weights(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_checkpoint(
+    path: Path,
+    load_weights,  # callable(dir): loads the trainable weights into the model
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainerState:
+    if not (path / STATE_FILE).exists():
+        raise TunelabError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
+    load_weights(path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def save_tensors(model: torch.nn.Module, directory: Path, only_trainable: bool = True) -> None:
+    state = {
+        n: p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if p.requires_grad or not only_trainable
+    }
+    save_file(state, str(directory / TRAINABLE_FILE))
+
+
+def load_tensors(model: torch.nn.Module, directory: Path) -> None:
+    saved = load_file(str(directory / TRAINABLE_FILE))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise TunelabError(f"{directory}: checkpoint tensor {unknown[0]!r} is not in the model.")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def rng_state() -> dict[str, Any]:
+    from tunelab import device as dev
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "device": dev.rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from tunelab import device as dev
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    dev.set_rng_state(state.get("device"))
