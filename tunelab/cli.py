@@ -69,6 +69,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return run_show(args.config, args.n, args.overrides)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.train.commands import run_train
+
+    overrides = list(args.overrides)
+    if args.overwrite:
+        overrides += ["--overwrite", "true"]
+    if args.resume:
+        overrides += ["--resume", args.resume]
+    return run_train(args.config, overrides, args.dry_run)
+
+
 def sampling_params(args: argparse.Namespace):
     from tunelab.engine.sampler import SamplingParams
 
@@ -134,10 +145,35 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "generate": (cmd_generate, "complete one prompt and print the answer"),
     "chat": (cmd_chat, "interactive chat with streamed answers"),
     "data": (cmd_data, "prepare (tokenize + cache) or show training data from a config file"),
+    "train": (cmd_train, "fine-tune (full / freeze / LoRA / QLoRA) from a YAML config"),
 }
 
 
-VERBS_WITH_OVERRIDES = ("data",)  # verbs reading a config file take --section.key overrides
+VERBS_WITH_OVERRIDES = ("data", "train")  # verbs reading a config file take --section.key overrides
+TOP_LEVEL_KEYS = ("--model", "--method", "--output_dir", "--output-dir")  # sectionless keys
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take ``--section.key VALUE`` (and top-level config keys) out of argv for the config."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb not in VERBS_WITH_OVERRIDES:
+        return argv, []
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        is_override = arg.startswith("--") and ("." in name or name in TOP_LEVEL_KEYS)
+        if not is_override:
+            rest.append(arg)
+        elif "=" in arg or i + 1 >= len(argv):
+            overrides.append(arg)
+        else:
+            overrides += [arg, argv[i + 1]]
+            i += 1
+        i += 1
+    return rest, overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config with `model` and `data` sections")
     p.add_argument("-n", type=int, default=3, help="how many examples (default: 3)")
+
+    p = parsers["train"]
+    p.description = (
+        "Fine-tune a model. CONFIG holds the sections model, method (full|freeze|lora|qlora), "
+        "lora, freeze, data, train and output_dir; see examples/*.yaml."
+    )
+    p.epilog = overrides_help + " Example: --train.max_steps 3 --output_dir runs/x"
+    p.add_argument("config", nargs="?", help="YAML recipe (optional when every key is a flag)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, trainable parameters and a memory estimate; "
+        "refuse when it will not fit",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run in output_dir")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="auto (default: continue a matching run in output_dir), never, or a checkpoint dir",
+    )
     return parser
 
 
@@ -222,11 +278,10 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.verb in VERBS_WITH_OVERRIDES:
-        args.overrides = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = split_overrides(argv)
+    args = parser.parse_args(argv)
+    args.overrides = overrides
     setup_logging(args.debug, args.quiet)
     handler = VERBS[args.verb][0]
     try:

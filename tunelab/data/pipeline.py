@@ -168,22 +168,21 @@ class _Encoder:
         self.tokenizer, self.template, self.cfg = tokenizer, template, cfg
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from tunelab.data.templates import IGNORE_INDEX, encode
+        from tunelab.data.templates import encode_or_skip
 
-        conv = conversation_from_json(row["conv"])
         cfg = self.cfg
-        kwargs = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
-        full = encode(conv, self.tokenizer, self.template, **kwargs)
-        if full is None or all(x == IGNORE_INDEX for x in full.labels):
-            return _row([], [], "no_target")
-        if len(full.input_ids) <= cfg.max_length:
-            return _row(full.input_ids, full.labels, "ok")
-        if cfg.truncation == "drop":
-            return _row([], [], "too_long")
-        ids, labels = full.input_ids[: cfg.max_length], full.labels[: cfg.max_length]
-        if all(x == IGNORE_INDEX for x in labels):
-            return _row([], [], "no_target")
-        return _row(ids, labels, "truncated")
+        out = encode_or_skip(
+            conversation_from_json(row["conv"]),
+            self.tokenizer,
+            self.template,
+            train_on_prompt=cfg.train_on_prompt,
+            mask_history=cfg.mask_history,
+            max_length=cfg.max_length,
+            truncation=cfg.truncation,
+        )
+        if isinstance(out, str):  # the reason it was dropped
+            return _row([], [], out)
+        return _row(out.input_ids, out.labels, "truncated" if out.truncated else "ok")
 
 
 def _row(ids: list[int], labels: list[int], status: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tunelab.models.attention import (
     CAUSAL,
@@ -108,6 +109,7 @@ class DecoderBody(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False  # recompute each layer in backward (training)
 
     def forward(
         self,
@@ -133,8 +135,12 @@ class DecoderBody(nn.Module):
         assert positions is not None, "an attention context needs explicit positions"
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope, attn)
+            if recompute:
+                x = checkpoint(layer, x, rope, attn, use_reentrant=False)
+            else:
+                x = layer(x, rope, attn)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

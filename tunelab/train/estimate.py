@@ -1,0 +1,73 @@
+"""``tunelab train --dry-run``: trainable parameters and a memory estimate before loading.
+
+The estimate is deliberately simple (documented terms, rounded up) so it errs on the side
+of refusing: weights + gradients + AdamW states + activations + one chunk of logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.models.config import ModelConfig
+from tunelab.models.decoder import Decoder
+from tunelab.train.config import TrainConfig
+from tunelab.train.setup import Precision, configure_method
+
+
+@dataclass
+class MemoryEstimate:
+    trainable: int
+    total: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights),
+            ("gradients", self.grads),
+            ("optimizer (AdamW)", self.optimizer),
+            ("activations", self.activations),
+            ("logits chunk", self.logits),
+            ("total", self.total_bytes),
+        ]
+
+
+def estimate(cfg: TrainConfig, config: ModelConfig, precision: Precision) -> MemoryEstimate:
+    with torch.device("meta"):
+        model = Decoder(config)
+        model.to(precision.base_dtype)
+        configure_method(model, cfg, quantize=False)
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    frozen = total - trainable
+    base_bytes = torch.finfo(precision.base_dtype).bits // 8
+    if cfg.method == "qlora":  # 4-bit linears (+ ~6% scales); embeddings and norms stay
+        emb = config.vocab_size * config.hidden_size
+        weights = int((frozen - emb) * 0.53) + emb * base_bytes
+    else:
+        weights = frozen * base_bytes
+    weights += trainable * 4  # trained tensors are fp32 masters
+    act_bytes = 2 if precision.autocast is not None else 4
+    tokens = cfg.train.batch_size * cfg.data.max_length
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = tokens * (10 * h + 3 * i) * act_bytes  # qkv, attn out, norms, MLP pieces
+    if cfg.train.grad_checkpointing:
+        activations = L * tokens * h * act_bytes + per_layer  # layer inputs + one live layer
+    else:
+        activations = L * per_layer
+    if cfg.data.packing:  # the boolean document mask of SDPA
+        activations += cfg.train.batch_size * cfg.data.max_length**2
+    logits = min(cfg.train.loss_chunk_tokens, tokens) * config.vocab_size * 4 * 3
+    return MemoryEstimate(
+        trainable, total, weights, trainable * 4, trainable * 8, activations, logits
+    )

@@ -1,0 +1,156 @@
+"""Everything decided before the first step: precision, the run dir, the model per method."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunelab import device as dev
+from tunelab.config import to_dict
+from tunelab.errors import TunelabError
+from tunelab.models.decoder import Decoder
+from tunelab.train.checkpoint import list_checkpoints
+from tunelab.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption (how long / how often, not what).
+RESUMABLE_CHANGES = {
+    "resume",
+    "overwrite",
+    "output_dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.save_every",
+    "train.eval_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.device",
+    "data.num_proc",
+    "data.cache_dir",
+}
+
+
+@dataclass
+class Precision:
+    base_dtype: torch.dtype  # frozen weights are stored in this dtype
+    autocast: torch.dtype | None  # compute dtype under autocast (None: plain fp32)
+    loss_scaling: bool  # fp16 needs a GradScaler
+
+
+def resolve_precision(name: str, device: torch.device, method: str) -> Precision:
+    if name == "auto":  # fp32 on CPU: exact, and CPU autocast gains little
+        half = "bf16" if dev.supports_bf16(device) else "fp16"
+        name = "fp32" if device.type == "cpu" else half
+    if name == "fp16" and device.type == "cpu":
+        raise TunelabError(
+            "train.precision fp16 is not supported on CPU (no fp16 autocast kernels); "
+            "use fp32 or bf16."
+        )
+    if name == "bf16" and not dev.supports_bf16(device):
+        raise TunelabError(f"{device} does not support bf16; use train.precision fp16 or fp32.")
+    if name == "fp32":
+        return Precision(torch.float32, None, False)
+    half = torch.bfloat16 if name == "bf16" else torch.float16
+    # Trained weights keep fp32 masters (full / freeze); frozen ones can live in half precision.
+    base = torch.float32 if method in ("full", "freeze") else half
+    return Precision(base, half, name == "fp16")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Return (run dir, checkpoint to resume from or None) and refuse a foreign run dir."""
+    run_dir = Path(cfg.output_dir)
+    if cfg.resume not in ("auto", "never"):
+        ckpt = Path(cfg.resume)
+        if not (ckpt / "trainer_state.json").exists():
+            raise TunelabError(
+                f"--resume {ckpt}: not a checkpoint directory (no trainer_state.json)."
+            )
+        return run_dir, ckpt
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return run_dir, None
+    if cfg.overwrite:
+        shutil.rmtree(run_dir)
+        return run_dir, None
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise TunelabError(
+            f"output_dir {run_dir} is not empty and holds no tunelab run; choose another "
+            "--output_dir or pass --overwrite."
+        )
+    diff = config_differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if diff or cfg.resume == "never":
+        why = f"its config differs in {', '.join(diff[:5])}" if diff else "resume is 'never'"
+        raise TunelabError(
+            f"output_dir {run_dir} holds another run ({why}); pass --overwrite to replace it "
+            "or choose another --output_dir."
+        )
+    checkpoints = list_checkpoints(run_dir)
+    return run_dir, (checkpoints[-1] if checkpoints else None)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring those that may change on resume."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        name = prefix + key
+        if name in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, name + ".")
+        elif a != b:
+            diffs.append(name)
+    return diffs
+
+
+def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, precision: Precision):
+    """Load the decoder and make exactly the parameters of ``cfg.method`` trainable."""
+    from tunelab.models.loading import load_model
+
+    if cfg.method == "qlora":
+        dev.require("qlora_nf4", device)
+    model = load_model(model_dir, device=device, dtype=precision.base_dtype)
+    configure_method(model, cfg, quantize=True)
+    return model
+
+
+def configure_method(model: Decoder, cfg: TrainConfig, quantize: bool) -> None:
+    """Apply LoRA / QLoRA / freezing in place (``quantize=False`` on a meta model: dry run)."""
+    if cfg.method in ("lora", "qlora"):
+        from tunelab.models.lora import apply_lora, lora_modules
+
+        if cfg.method == "qlora" and quantize:
+            from tunelab.models.quant import quantize_base_nf4
+
+            quantize_base_nf4(model, model.device)
+        apply_lora(model, cfg.lora)
+        for module in lora_modules(model).values():  # adapters train in fp32
+            module.lora_A.float()
+            module.lora_B.float()
+    elif cfg.method == "freeze":
+        _freeze_all_but(model, cfg.freeze.last_layers, cfg.freeze.modules)
+    model.model.gradient_checkpointing = cfg.train.grad_checkpointing
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TunelabError(f"method {cfg.method} left no trainable parameter; check its settings.")
+
+
+def _freeze_all_but(model: Decoder, last_layers: int, modules: list[str]) -> None:
+    model.requires_grad_(False)
+    n = model.config.num_hidden_layers
+    keep = [f"model.layers.{i}" for i in range(max(0, n - last_layers), n)] + list(modules)
+    named = dict(model.named_modules())
+    for name in keep:
+        if name not in named:
+            close = [m for m in named if m.endswith(name.split(".")[-1])][:3]
+            raise TunelabError(
+                f"freeze.modules: no module named {name!r} in the model"
+                + (f" (similar: {', '.join(close)})" if close else "")
+                + "."
+            )
+        named[name].requires_grad_(True)

@@ -1,0 +1,298 @@
+"""The training loop: our own, readable, no HF Trainer.
+
+One optimizer step = ``grad_accum`` micro-batches; the loss of each is its summed token loss
+divided by the target tokens of the whole step, so accumulation of 4x1 equals 1x4 exactly.
+SIGINT / SIGTERM finish the current step, save a checkpoint and exit; the same command
+resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunelab import device as dev
+from tunelab.config import to_dict
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.batching import BatchPlan, attention_for, count_targets, to_encoded
+from tunelab.train.config import TrainConfig
+from tunelab.train.loss import chunked_cross_entropy
+from tunelab.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from tunelab.train.optim import build_optimizer, build_scheduler, warmup_steps
+from tunelab.train.setup import build_model, prepare_run_dir, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None  # None when stopped by a signal before the end
+    state: ckpt.TrainerState
+    val_loss: float | None
+
+
+class Trainer:
+    """Build everything from a ``TrainConfig``; ``run()`` trains, evaluates and saves."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        from tunelab.data.pipeline import prepare
+        from tunelab.hub import resolve_model
+        from tunelab.models.loading import load_tokenizer
+
+        self.cfg, self.progress = cfg, progress
+        self.run_dir, self.resume_from = prepare_run_dir(cfg)
+        self.device = dev.resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device, cfg.method)
+        self.model_dir = resolve_model(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        data = prepare(cfg.data, self.tokenizer)
+        self.data_stats = data.stats
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        t = cfg.train
+        plan = dict(max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id)
+        self.train_plan = BatchPlan(to_encoded(data.train), t.batch_size, seed=t.seed, **plan)
+        self.val_plan = (
+            BatchPlan(to_encoded(data.val), t.batch_size, seed=t.seed, **plan) if data.val else None
+        )
+        per_epoch = self.train_plan.micro_batches_per_epoch()
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+        dev.manual_seed(t.seed)  # LoRA init and dropout draw from here: same seed, same run
+        self.model = build_model(cfg, self.model_dir, self.device, self.precision)
+        self.windows = {layer.self_attn.window for layer in self.model.model.layers}
+        self.optimizer = build_optimizer(self.model.parameters(), t.lr, t.weight_decay, self.device)
+        warmup = warmup_steps(t.warmup, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, t.schedule)
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if self.precision.loss_scaling else None
+        )
+        self.state = ckpt.TrainerState()
+        self._stop_signal: int | None = None
+
+    # ---- public --------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume_from is not None:
+            self.state = ckpt.load_checkpoint(
+                self.resume_from, self._load_weights, self.optimizer, self.scheduler
+            )
+            log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
+        self._write_run_files()
+        metrics = MetricsLogger(self.run_dir, self.total_steps, self.state.step, self.progress)
+        batches = self.train_plan.iterate(self.state.epoch, self.state.batch_in_epoch)
+        val_loss, saved_at, validated_at = None, None, None
+        with self._signals():
+            try:
+                while self.state.step < self.total_steps and self._stop_signal is None:
+                    metrics.log(self._step(batches))
+                    step = self.state.step
+                    if t.eval_every and step % t.eval_every == 0:
+                        val_loss, validated_at = self._validate(metrics), step
+                    if t.save_every and step % t.save_every == 0:
+                        self._save_checkpoint()
+                        saved_at = step
+                if self._stop_signal is None and validated_at != self.state.step:
+                    val_loss = self._validate(metrics)
+            finally:
+                metrics.close()
+        if saved_at != self.state.step:
+            path = self._save_checkpoint()
+        if self._stop_signal is not None:
+            log.warning(
+                "stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.",
+                self._stop_signal,
+                self.state.step,
+                path,
+            )
+            return TrainResult(self.run_dir, None, self.state, val_loss)
+        return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
+
+    # ---- one optimizer step ---------------------------------------------------------------
+
+    def _step(self, batches) -> dict:
+        t = self.cfg.train
+        self.model.train()
+        started = time.perf_counter()
+        micro = []
+        for _ in range(t.grad_accum):
+            epoch, index, batch = next(batches)
+            micro.append(batch)
+            self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+        targets = sum(count_targets(b.labels) for b in micro)
+        loss_total = 0.0
+        for batch in micro:
+            loss_sum, _ = self._forward(batch.to(self.device))
+            loss = loss_sum / max(targets, 1)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_total += float(loss.detach())
+        grad_norm = self._optimizer_step()
+        tokens = sum(b.num_tokens for b in micro)
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        elapsed = time.perf_counter() - started
+        return self._log_row(loss_total, grad_norm, tokens, elapsed, micro)
+
+    def _forward(self, batch) -> tuple[torch.Tensor, int]:
+        attn = attention_for(batch, self.windows, self.cfg.data.packing)
+        with self._autocast():
+            hidden = self.model.model(batch.input_ids, batch.position_ids, attn=attn)
+            return chunked_cross_entropy(
+                hidden, self.model.lm_head.weight, batch.labels, self.cfg.train.loss_chunk_tokens
+            )
+
+    def _optimizer_step(self) -> float:
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _log_row(self, loss, grad_norm, tokens, elapsed, micro) -> dict:
+        lens = [n for b in micro for row in b.seq_lens for n in row]
+        attn_len = sum(n * n for n in lens) / max(sum(lens), 1)
+        tps = tokens / elapsed if elapsed > 0 else 0.0
+        peak = peak_flops(dev.device_name(self.device))
+        fpt = flops_per_token(self.model.config, self.cfg.method, attn_len)
+        row = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_s": tps,
+            "mfu": tps * fpt / peak if peak else None,
+        }
+        if self.device.type != "cpu":
+            row["memory_gib"] = dev.peak_memory(self.device) / 2**30
+        self.state.history = ([*self.state.history, row])[-50:]
+        return row
+
+    # ---- validation and saving -----------------------------------------------------------
+
+    @torch.no_grad()
+    def _validate(self, metrics: MetricsLogger) -> float | None:
+        if self.val_plan is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for micro in self.val_plan.epoch(0):
+            batch = self.val_plan.collate(micro).to(self.device)
+            loss_sum, n = self._forward(batch)
+            total, count = total + float(loss_sum), count + n
+        val = total / max(count, 1)
+        metrics.log({"step": self.state.step, "val_loss": val, "val_tokens": count})
+        if self.state.best_val_loss is None or val < self.state.best_val_loss:
+            self.state.best_val_loss = val
+        return val
+
+    def _save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.state,
+            self._save_weights,
+            self.optimizer,
+            self.scheduler,
+            self.cfg.train.keep_last,
+        )
+
+    def _save_weights(self, directory: Path) -> None:
+        ckpt.save_tensors(self.model, directory)  # exact trainable tensors, for resume
+        if self.cfg.method in ("lora", "qlora"):
+            from tunelab.models.lora import write_adapter
+
+            write_adapter(self.model, self.cfg.lora, directory, self.cfg.model)
+        self.tokenizer.save_pretrained(str(directory))  # the template travels with the weights
+
+    def _load_weights(self, directory: Path) -> None:
+        ckpt.load_tensors(self.model, directory)
+
+    def _save_final(self) -> Path:
+        from tunelab.atomic import atomic_directory
+
+        final = self.run_dir / "final"
+        if self.cfg.method in ("lora", "qlora"):
+            with atomic_directory(final, overwrite=True) as tmp:
+                self._save_weights(tmp)
+                (tmp / ckpt.TRAINABLE_FILE).unlink()  # final/ is the plain PEFT adapter
+        else:
+            from tunelab.models.loading import read_generation_config, save_pretrained
+
+            gen = read_generation_config(self.model_dir) or None
+            save_pretrained(
+                self.model,
+                self.tokenizer,
+                final,
+                torch.float32 if self.precision.autocast is None else self.precision.autocast,
+                overwrite=True,
+                generation_config=gen,
+            )
+        log.info(
+            "final %s written to %s", "adapter" if "lora" in self.cfg.method else "model", final
+        )
+        return final
+
+    def _write_run_files(self) -> None:
+        from tunelab.env import collect
+
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        )
+        with contextlib.suppress(Exception):  # the env report is a courtesy, never fatal
+            import json
+
+            (self.run_dir / "env.json").write_text(json.dumps(collect(), indent=2, default=str))
+
+    # ---- context helpers -----------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT / SIGTERM set a flag; the loop saves and exits after the current step."""
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("signal %d: finishing the current step, then saving", signum)
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: no signal handling
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Python API: ``train(load_train_config("recipe.yaml", []))``."""
+    if cfg.method not in ("full", "freeze", "lora", "qlora"):
+        raise TunelabError(f"unknown method {cfg.method!r}")
+    return Trainer(cfg, progress).run()
