@@ -219,7 +219,7 @@ class Trainer:
     def _save_weights(self, directory: Path) -> None:
         ckpt.save_tensors(self.model, directory)  # exact trainable tensors, for resume
         if self.cfg.method in ("lora", "qlora"):
-            from tunelab.models.lora import write_adapter
+            from tunelab.models.peft_io import write_adapter
 
             write_adapter(self.model, self.cfg.lora, directory, self.cfg.model)
         self.tokenizer.save_pretrained(str(directory))  # the template travels with the weights
