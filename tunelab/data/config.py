@@ -39,6 +39,8 @@ class DataConfig:
     label_set: list[str] | None = None  # classification: allowed labels
     prompt: str | None = None  # classification: prompt template with {field} placeholders
     system: str | None = None  # a system prompt added to examples that have none
+    max_samples: int | None = None  # keep at most this many training examples (after shuffle)
+    max_val_samples: int | None = None  # the same for validation (a cheaper eval)
     seed: int = 42
     shuffle: bool = True
     cache_dir: str | None = None  # default: $TUNELAB_HOME/data

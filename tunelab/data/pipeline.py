@@ -76,6 +76,8 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         train = train.shuffle(seed=cfg.seed).flatten_indices()
     if val is None and cfg.split > 0:
         train, val = _split(train, cfg.split, cfg.seed)
+    train = _limit(train, cfg.max_samples)
+    val = _limit(val, cfg.max_val_samples) if val is not None else None
     _fill_counts(stats, train, val, cfg)
     with atomic_directory(cache, overwrite=True) as tmp:
         train.save_to_disk(str(tmp / "train"))
@@ -187,6 +189,10 @@ class _Encoder:
 
 def _row(ids: list[int], labels: list[int], status: str) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status}
+
+
+def _limit(dataset, n: int | None):
+    return dataset.select(range(n)) if n is not None and n < len(dataset) else dataset
 
 
 def _split(train, fraction: float, seed: int):

@@ -87,6 +87,7 @@ def validate(cfg: TrainConfig) -> None:
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.warmup >= 0, "train.warmup must be >= 0"),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
         (cfg.freeze.last_layers >= 0, "freeze.last_layers must be >= 0"),
         (bool(cfg.data.train), "data.train is empty: give the training data file(s)"),

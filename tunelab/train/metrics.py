@@ -70,7 +70,16 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, row["step"])
         if self._progress is not None and "loss" in row:
             self._progress.update(row)
-        elif "val_loss" in row:
+        elif "loss" in row:  # no terminal: one log line per logged step
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+                row["step"],
+                self.total_steps,
+                row["loss"],
+                row["lr"],
+                row["tokens_per_s"],
+            )
+        if "val_loss" in row:
             log.info("step %d: val_loss %.4f", row["step"], row["val_loss"])
 
     def close(self) -> None:

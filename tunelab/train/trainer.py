@@ -95,8 +95,10 @@ class Trainer:
         with self._signals():
             try:
                 while self.state.step < self.total_steps and self._stop_signal is None:
-                    metrics.log(self._step(batches))
+                    row = self._step(batches)
                     step = self.state.step
+                    if step % t.log_every == 0 or step == self.total_steps:
+                        metrics.log(row)
                     if t.eval_every and step % t.eval_every == 0:
                         val_loss, validated_at = self._validate(metrics), step
                     if t.save_every and step % t.save_every == 0:

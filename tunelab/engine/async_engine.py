@@ -1,0 +1,192 @@
+"""Streaming API over the engine, for servers: ``add_request`` -> async iterator of deltas.
+
+The engine steps in one background thread (model steps block; the event loop must not).
+Requests and aborts are queued to that thread, which applies them between steps, so the
+engine's state is only ever touched by it; deltas travel back to each request's
+``asyncio.Queue`` through ``call_soon_threadsafe``.
+
+>>> async with AsyncEngine.from_pretrained("default") as engine:
+...     async for delta in engine.add_request("Hello", SamplingParams(max_tokens=16)):
+...         print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.engine.llm_engine import EngineConfig, LLMEngine
+from tunelab.engine.outputs import StreamDelta
+from tunelab.engine.prompts import Prompt
+from tunelab.engine.sampler import SamplingParams
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    deltas: asyncio.Queue
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Runs an ``LLMEngine`` in a background thread; many coroutines stream from it at once."""
+
+    def __init__(self, engine: LLMEngine):
+        engine.config.stream_text = True  # every delta carries its text
+        self.engine = engine
+        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._streams: dict[str, _Add] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | Path = "default",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: EngineConfig | None = None,
+    ) -> AsyncEngine:
+        return cls(LLMEngine.from_pretrained(spec, device, dtype, config))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the step loop (``add_request`` starts it too)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the step loop; unfinished requests are aborted."""
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(None)
+            self._thread.join()
+        self._thread = None
+
+    async def __aenter__(self) -> AsyncEngine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """Queue a prompt now; iterate the result for its deltas (the last has finished=True).
+
+        Call it from a coroutine (it binds to the running event loop). A request that cannot
+        run yields one delta with finish_reason "error" and the message in ``error``.
+        """
+        if self._error is not None:
+            raise TunelabError(f"the engine loop stopped after an error: {self._error}")
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        add = _Add(
+            request_id,
+            prompt,
+            params or SamplingParams(),
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+        )
+        self.start()
+        self._commands.put(add)
+        return self._iterate(add)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason "abort" and its blocks are freed."""
+        self._commands.put(_Abort(str(request_id)))
+
+    async def _iterate(self, add: _Add) -> AsyncIterator[StreamDelta]:
+        finished = False
+        try:
+            while not finished:
+                delta = await add.deltas.get()
+                if isinstance(delta, BaseException):
+                    raise TunelabError(f"the engine loop failed: {delta}") from delta
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:  # the consumer went away (client disconnect, break)
+                self.abort(add.request_id)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                idle = not engine.has_unfinished()
+                try:  # block only while there is nothing to step
+                    command = self._commands.get(block=idle)
+                except queue.Empty:
+                    command = False
+                while command is not False:
+                    if command is None:
+                        return self._abort_all()
+                    self._apply(command)
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        command = False
+                if engine.has_unfinished():
+                    for delta in engine.step():
+                        self._deliver(delta)
+        except BaseException as e:  # surface the failure to every waiting stream
+            log.exception("engine loop failed")
+            self._error = e
+            for add in self._streams.values():
+                add.loop.call_soon_threadsafe(add.deltas.put_nowait, e)
+            self._streams.clear()
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        engine = self.engine
+        if isinstance(command, _Abort):
+            if command.request_id in self._streams:
+                for delta in engine.abort(command.request_id):
+                    self._deliver(delta)
+            return
+        if command.request_id in self._streams or command.request_id in engine.requests:
+            error = f"request id {command.request_id!r} is already in use; pick another."
+            delta = StreamDelta(command.request_id, 0, "", [], "error", error=error, finished=True)
+            command.loop.call_soon_threadsafe(command.deltas.put_nowait, delta)
+            return
+        self._streams[command.request_id] = command
+        engine.add_request(command.prompt, command.params, command.request_id)
+
+    def _deliver(self, delta: StreamDelta) -> None:
+        add = self._streams.get(delta.request_id)
+        if add is None:
+            return
+        if delta.finished:
+            del self._streams[delta.request_id]
+            self.engine.pop_output(delta.request_id)
+        add.loop.call_soon_threadsafe(add.deltas.put_nowait, delta)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._streams):
+            self._apply(_Abort(request_id))

@@ -1,0 +1,179 @@
+"""``tunelab infer``: batch inference over a JSONL file, resumable.
+
+Input lines are ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``. A
+``prompt`` goes through the model's chat template as one user message (like ``generate``)
+unless ``raw``; ``messages`` always do. Each result is appended to the output as soon as it
+is done and flushed, so an interrupted run loses nothing: running again skips the ids already
+in the output.
+
+Output lines: ``{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens"}``
+(``outputs``: the list of texts when ``n`` > 1; ``error`` when the request failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.engine.llm_engine import EngineConfig, LLMEngine
+from tunelab.engine.outputs import RequestOutput
+from tunelab.engine.sampler import SamplingParams
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 1024  # requests queued in the engine at once (bounds memory on huge files)
+
+
+def run_infer(
+    model: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    params: SamplingParams,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    adapter: str | None = None,
+    raw: bool = False,
+    system: str | None = None,
+    engine_config: EngineConfig | None = None,
+    show_progress: bool = True,
+) -> int:
+    """Complete every record of ``input_path`` not yet in ``output_path``; return how many."""
+    if adapter is not None:
+        raise TunelabError(
+            "the engine does not apply LoRA adapters per request yet: merge the adapter into "
+            "the base model and pass the merged model as --model."
+        )
+    records = read_records(Path(input_path))
+    done = finished_ids(Path(output_path))
+    todo = [r for r in records if r["id"] not in done]
+    if done:
+        log.info("resuming: %d of %d records already in %s", len(done), len(records), output_path)
+    if not todo:
+        return 0
+    engine = LLMEngine.from_pretrained(model, device, dtype, engine_config)
+    with open(output_path, "a", encoding="utf-8") as out, _progress(show_progress) as bar:
+        task = bar.add_task("infer", total=len(records), completed=len(records) - len(todo))
+        pending = iter(todo)
+        in_flight = 0
+        for record in pending:  # fill the engine, then refill as results come out
+            engine.add_request(_prompt(record, raw, system), params, request_id=record["id"])
+            in_flight += 1
+            if in_flight < MAX_IN_FLIGHT:
+                continue
+            in_flight -= _drain(engine, out, bar, task, until_one=True)
+        while engine.has_unfinished():
+            _drain(engine, out, bar, task, until_one=False)
+    return len(todo)
+
+
+def _drain(engine: LLMEngine, out, bar, task, until_one: bool) -> int:
+    """Step the engine, writing finished requests; stop after one result if ``until_one``."""
+    written = 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.finished:
+                _write(out, engine.pop_output(delta.request_id))
+                bar.advance(task)
+                written += 1
+        if until_one and written:
+            break
+    return written
+
+
+def _write(out, result: RequestOutput) -> None:
+    texts = [o.text for o in result.outputs]
+    line: dict[str, Any] = {
+        "id": result.request_id,
+        "output": texts[0],
+        "finish_reason": result.outputs[0].finish_reason,
+        "prompt_tokens": len(result.prompt_token_ids),
+        "completion_tokens": sum(len(o.token_ids) for o in result.outputs),
+    }
+    if len(texts) > 1:
+        line["outputs"] = texts
+    if result.error:
+        line["error"] = result.error
+    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def _prompt(record: dict, raw: bool, system: str | None):
+    if "messages" in record:
+        return record["messages"]
+    if raw:
+        return record["prompt"]
+    system_msg = [{"role": "system", "content": system}] if system else []
+    return [*system_msg, {"role": "user", "content": record["prompt"]}]
+
+
+def read_records(path: Path) -> list[dict]:
+    """Parse and check the input JSONL (ids are kept as strings)."""
+    if not path.is_file():
+        raise TunelabError(f"input file {path} does not exist.")
+    records, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TunelabError(f"{where} is not valid JSON ({e.msg}).") from None
+            if not isinstance(record, dict) or "id" not in record:
+                raise TunelabError(
+                    f'{where}: each line needs an "id" (and "prompt" or "messages").'
+                )
+            has_prompt = isinstance(record.get("prompt"), str)
+            has_messages = isinstance(record.get("messages"), list)
+            if has_prompt == has_messages:
+                raise TunelabError(
+                    f'{where}: give exactly one of "prompt" (text) or "messages" (a list of '
+                    '{"role", "content"}).'
+                )
+            record["id"] = str(record["id"])
+            if record["id"] in seen:
+                raise TunelabError(
+                    f"{where}: id {record['id']!r} appears twice; ids must be unique."
+                )
+            seen.add(record["id"])
+            records.append(record)
+    return records
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids already written to ``path``; a torn last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s ends with an incomplete line; it will be redone", path)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        data = data[:keep]
+    ids = set()
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            ids.add(str(json.loads(line)["id"]))
+    return ids
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

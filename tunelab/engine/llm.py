@@ -1,0 +1,115 @@
+"""Offline batch generation: ``LLM(model).generate(prompts, params)``.
+
+>>> llm = LLM("default")
+>>> out = llm.generate(["Once upon a time", [{"role": "user", "content": "Hi!"}]],
+...                    SamplingParams(temperature=0, max_tokens=32))
+>>> out[1].outputs[0].text
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.engine.llm_engine import EngineConfig, LLMEngine
+from tunelab.engine.outputs import RequestOutput
+from tunelab.engine.prompts import Prompt, is_single_prompt
+from tunelab.engine.sampler import SamplingParams
+from tunelab.errors import TunelabError
+from tunelab.models.decoder import Decoder
+
+
+class LLM:
+    """A model served by the paged engine for offline use.
+
+    ``model`` is a model spec (``default``, a directory, a hub id, a .gguf; see
+    ``tunelab.hub``) or an already loaded ``Decoder`` (then pass its ``tokenizer``, or None to
+    work on token ids only). ``max_num_seqs`` / ``max_num_batched_tokens`` bound one step;
+    ``max_cache_tokens`` caps the KV cache (on CPU it is the cache size, default 16384).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Decoder = "default",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_cache_tokens: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        memory_fraction: float = 0.9,
+        attention_backend: str = "auto",
+        tokenizer: Any | None = None,
+        eos_token_ids: set[int] | None = None,
+    ):
+        config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_cache_tokens=max_cache_tokens,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            memory_fraction=memory_fraction,
+            attention_backend=attention_backend,
+        )
+        if isinstance(model, Decoder):
+            if device is not None or dtype is not None:
+                raise TunelabError(
+                    "device and dtype apply when loading a model spec; move or cast the "
+                    "Decoder yourself before passing it."
+                )
+            self.engine = LLMEngine(model, tokenizer, config, eos_token_ids)
+        else:
+            self.engine = LLMEngine.from_pretrained(model, device, dtype, config)
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; results come back in the order of ``prompts``.
+
+        A prompt is text (sent as is), chat messages (rendered with the model's chat template)
+        or token ids. ``params`` is one ``SamplingParams`` for all, or one per prompt. A prompt
+        that cannot run gets finish_reason "error" and its ``error``; the others go on.
+        """
+        batch = [prompts] if is_single_prompt(prompts) else list(prompts)
+        if isinstance(params, list):
+            if len(params) != len(batch):
+                raise TunelabError(
+                    f"got {len(params)} SamplingParams for {len(batch)} prompts: give one, "
+                    "or one per prompt."
+                )
+            per_prompt = params
+        else:
+            per_prompt = [params or SamplingParams()] * len(batch)
+        engine = self.engine
+        ids = [engine.add_request(p, sp) for p, sp in zip(batch, per_prompt, strict=True)]
+        bar = _progress(len(ids)) if use_tqdm else None
+        try:
+            while engine.has_unfinished():
+                for delta in engine.step():
+                    if bar is not None and delta.finished:
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:  # leave the engine clean for the next call
+                engine.abort(request_id)
+                engine.pop_output(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [engine.pop_output(request_id) for request_id in ids]
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="prompt", dynamic_ncols=True)

@@ -1,0 +1,337 @@
+"""The engine core: requests in, one scheduled step at a time, deltas and results out.
+
+``LLM`` (offline) and ``AsyncEngine`` (streaming) are thin layers over ``LLMEngine``. A request
+that cannot run (prompt longer than the context, more cache than exists, a bad token id)
+fails alone with finish_reason "error" and a message; the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.engine.block_manager import BlockManager, blocks_for
+from tunelab.engine.detokenizer import TextStream
+from tunelab.engine.kv_cache import PagedKVCache, activation_bytes, plan_num_blocks
+from tunelab.engine.model_runner import ModelRunner
+from tunelab.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
+from tunelab.engine.paged_attention import select_backend
+from tunelab.engine.prompts import Prompt, encode_prompt
+from tunelab.engine.sampler import Logprobs, SamplingParams
+from tunelab.engine.scheduler import Scheduler
+from tunelab.engine.sequence import Sequence, SequenceStatus
+from tunelab.errors import TunelabError
+from tunelab.models.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine knobs; None picks a default for the device (accelerator / CPU)."""
+
+    max_num_seqs: int | None = None  # running sequences at once (256 / 64)
+    max_num_batched_tokens: int | None = None  # tokens per step (8192 / 256)
+    max_cache_tokens: int | None = None  # cache size cap (accelerators: from free memory)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    memory_fraction: float = 0.9  # of the accelerator's memory the process may use in all
+    attention_backend: str = "auto"  # "auto", "sdpa" or "triton"
+    stream_text: bool = False  # detokenize every step (streaming) rather than at the end
+
+    def resolved(self, device: torch.device) -> EngineConfig:
+        accel = device.type not in ("cpu", "mps")
+        seqs = self.max_num_seqs or (256 if accel else 64)
+        tokens = self.max_num_batched_tokens or (8192 if accel else 256)
+        for name, value in (("max_num_seqs", seqs), ("max_num_batched_tokens", tokens)):
+            if value < 1:
+                raise TunelabError(f"{name} must be >= 1, got {value}.")
+        if self.block_size < 1:
+            raise TunelabError(f"block_size must be >= 1, got {self.block_size}.")
+        return EngineConfig(
+            **{**vars(self), "max_num_seqs": seqs, "max_num_batched_tokens": tokens}
+        )
+
+
+class Request:
+    """A prompt, its sampling parameters and its ``n`` sequences, plus streaming state."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
+        self.seqs: list[Sequence] = []
+        self.streams: list[TextStream | None] = []
+        self.unsent_text: list[str] = []
+        self.sent_tokens: list[int] = []  # output tokens already in a delta, per sample
+        self.error: str | None = None
+        self.arrival_time = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """Paged KV cache + scheduler + model runner + output processing for one model."""
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer: Any | None = None,
+        config: EngineConfig | None = None,
+        eos_token_ids: set[int] | None = None,
+    ):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.device
+        self.config = cfg = (config or EngineConfig()).resolved(self.device)
+        self.context = model.config.max_position_embeddings
+        self.eos_token_ids = set(eos_token_ids or ())
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        backend = select_backend(cfg.attention_backend, self.device)
+        reserve = activation_bytes(
+            model.config, cfg.max_num_batched_tokens, cfg.max_num_seqs, model.dtype
+        )
+        num_blocks = plan_num_blocks(
+            model.config,
+            cfg.block_size,
+            self.device,
+            model.dtype,
+            cfg.max_cache_tokens,
+            cfg.memory_fraction,
+            reserve,
+        )
+        cache = PagedKVCache(model.config, num_blocks, cfg.block_size, self.device, model.dtype)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, cache, backend, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._failed: list[StreamDelta] = []  # deltas of requests refused at add time
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: EngineConfig | None = None,
+    ) -> LLMEngine:
+        """Resolve a model spec (see ``tunelab.hub``), load model and tokenizer, size the cache."""
+        from tunelab.engine.simple import eos_ids_from
+        from tunelab.hub import resolve_model
+        from tunelab.models.loading import load_model, load_tokenizer, read_generation_config
+
+        model_dir = resolve_model(spec)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, device=device, dtype=dtype)
+        eos = eos_ids_from(read_generation_config(Path(model_dir)))
+        return cls(model, tokenizer, config, eos)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a prompt (text, chat messages or token ids); return its request id."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise TunelabError(f"request id {request_id!r} is already in use; pick another.")
+        try:
+            prompt_ids = encode_prompt(self.tokenizer, prompt)
+            self._check(prompt_ids, params)
+        except TunelabError as e:
+            prompt_ids = prompt if _is_token_ids(prompt) else []
+            return self._fail(request_id, list(prompt_ids), params, str(e))
+        req = Request(request_id, prompt_ids, params)
+        for i in range(params.n):
+            gen = params.make_generator(self.device, offset=i)
+            seq = Sequence(request_id, prompt_ids, params, i, gen, req.arrival_time)
+            self._add_seq(req, seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return request_id
+
+    def _add_seq(self, req: Request, seq: Sequence) -> None:
+        wants_text = self.tokenizer is not None and (self.config.stream_text or req.params.stop)
+        req.seqs.append(seq)
+        req.streams.append(TextStream(self.tokenizer, req.params.stop) if wants_text else None)
+        req.unsent_text.append("")
+        req.sent_tokens.append(0)
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise TunelabError("the prompt is empty: give at least one token.")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise TunelabError(f"token id {bad} is outside the vocabulary (0..{vocab - 1}).")
+        if len(prompt_ids) >= self.context:
+            raise TunelabError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                f"{self.context}: shorten the prompt."
+            )
+        bm = self.block_manager
+        per_seq = min(len(prompt_ids) + params.max_tokens, self.context)
+        if params.n * blocks_for(per_seq, bm.block_size) > bm.num_blocks:
+            raise TunelabError(
+                f"the request needs {params.n * per_seq} tokens of KV cache (n={params.n} x "
+                f"(prompt {len(prompt_ids)} + max_tokens {params.max_tokens})) but the cache holds "
+                f"{bm.num_blocks * bm.block_size}: lower n or max_tokens, or raise "
+                "max_cache_tokens."
+            )
+
+    def _fail(self, request_id: str, prompt_ids, params: SamplingParams, message: str) -> str:
+        req = Request(request_id, prompt_ids, params)
+        req.error = message
+        seq = Sequence(request_id, prompt_ids, params, 0, None, req.arrival_time)
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "error", message
+        seq.finished_time = req.arrival_time
+        self._add_seq(req, seq)
+        self.requests[request_id] = req
+        self._failed.append(
+            StreamDelta(request_id, 0, "", [], "error", None, error=message, finished=True)
+        )
+        log.warning("request %s failed: %s", request_id, message)
+        return request_id
+
+    def abort(self, request_id: str) -> list[StreamDelta]:
+        """Stop a request now (waiting, running or preempted) and free its blocks.
+
+        Returns the final deltas of its unfinished samples (finish_reason "abort").
+        """
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return []
+        seqs = self.scheduler.abort(request_id)
+        for seq in seqs:
+            self._finished(req, seq)
+        return self._deltas(req, seqs)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._failed)
+
+    def pop_output(self, request_id: str) -> RequestOutput:
+        """The result of a request; forgets the request once it is finished."""
+        req = self.requests[request_id]
+        if req.finished:
+            del self.requests[request_id]
+        return self._output(req)
+
+    # ---- stepping --------------------------------------------------------------------------
+
+    def step(self) -> list[StreamDelta]:
+        """Run one scheduled step; return a delta for every sample that changed."""
+        deltas, self._failed = self._failed, []
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            log.debug("preempted %r", seq)
+        if not batch:
+            return deltas
+        result = self.runner.run(batch)
+        self.scheduler.update(batch)
+        for seq, lps in result.prompt_logprobs.items():
+            seq.prompt_logprobs.extend(lps)
+        changed: dict[str, list[Sequence]] = {}
+        for seq, (token, lp) in result.samples.items():
+            self._on_token(self.requests[seq.request_id], seq, token, lp)
+            changed.setdefault(seq.request_id, []).append(seq)
+        for request_id, seqs in changed.items():
+            deltas.extend(self._deltas(self.requests[request_id], seqs))
+        return deltas
+
+    def _on_token(self, req: Request, seq: Sequence, token: int, lp: Logprobs | None) -> None:
+        p = seq.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        if token in stop_ids and seq.num_output_tokens >= p.min_tokens:
+            self.scheduler.finish(seq, "stop")  # the stop token is not part of the output
+            return self._finished(req, seq)
+        seq.append_token(token, lp)
+        stream = req.streams[seq.index]
+        if stream is not None:
+            req.unsent_text[seq.index] += stream.add(token)
+            if stream.stopped:
+                self.scheduler.finish(seq, "stop")
+                return self._finished(req, seq)
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.context:
+            self.scheduler.finish(seq, "length")
+            self._finished(req, seq)
+
+    def _finished(self, req: Request, seq: Sequence) -> None:
+        seq.finished_time = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = seq.finished_time
+        stream = req.streams[seq.index]
+        if stream is not None:
+            req.unsent_text[seq.index] += stream.finish()
+
+    def _deltas(self, req: Request, seqs: list[Sequence]) -> list[StreamDelta]:
+        """Deltas of ``seqs``; only the request's very last one says finished=True."""
+        deltas = [self._delta(req, seq) for seq in seqs]
+        for d in deltas[:-1]:
+            d.finished = False
+        return deltas
+
+    def _delta(self, req: Request, seq: Sequence) -> StreamDelta:
+        i = seq.index
+        out = seq.output_ids
+        new_tokens = out[req.sent_tokens[i] :]
+        logprobs = seq.logprobs[req.sent_tokens[i] :] if seq.logprobs is not None else None
+        req.sent_tokens[i] = len(out)
+        text, req.unsent_text[i] = req.unsent_text[i], ""
+        return StreamDelta(
+            req.request_id,
+            i,
+            text,
+            new_tokens,
+            seq.finish_reason,
+            logprobs,
+            seq.error,
+            finished=req.finished,
+        )
+
+    def _output(self, req: Request) -> RequestOutput:
+        outputs = []
+        for seq, stream in zip(req.seqs, req.streams, strict=True):
+            if stream is not None:
+                text = stream.text
+            elif self.tokenizer is not None and seq.output_ids:
+                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            else:
+                text = ""
+            outputs.append(
+                CompletionOutput(
+                    seq.index,
+                    text,
+                    seq.output_ids,
+                    seq.finish_reason,
+                    seq.logprobs,
+                    seq.num_preemptions,
+                )
+            )
+        firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        ends = [s.finished_time for s in req.seqs if s.finished_time is not None]
+        metrics = RequestMetrics(
+            req.arrival_time,
+            min(firsts) if firsts else None,
+            max(ends) if req.finished and ends else None,
+            req.seqs[0].num_cached_tokens,
+        )
+        return RequestOutput(
+            req.request_id,
+            req.prompt_ids,
+            outputs,
+            metrics,
+            req.seqs[0].prompt_logprobs,
+            req.error,
+        )
+
+
+def _is_token_ids(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)

@@ -1,0 +1,161 @@
+"""Attention over the paged KV cache, behind one backend interface.
+
+A step is a ragged batch: the scheduled tokens of every sequence flattened into one row
+(B=1), single-token queries (decodes) first, then prefill chunks. ``StepMetadata`` describes
+it in the varlen layout paged kernels want (query lengths, context lengths, block tables, the
+cache slot of each token). A backend turns it into an ``AttentionContext`` for the decoder.
+
+``sdpa`` is the portable backend (CPU, NPU, CUDA) and the correctness oracle: it stores this
+step's keys/values into their slots, gathers each sequence's keys/values from its blocks and
+calls PyTorch's scaled_dot_product_attention. A ``triton`` backend (paged prefill/decode
+kernels) will plug in behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tunelab import device as dev
+from tunelab.engine.kv_cache import PagedKVCache
+from tunelab.errors import TunelabError
+from tunelab.models.attention import CAUSAL, AttentionContext, AttnMask, build_mask
+from tunelab.models.attention import dense_attention as _dense
+
+BACKENDS = ("auto", "sdpa", "triton")
+
+
+@dataclass
+class StepMetadata:
+    """The layout of one step's flattened tokens (host lists for shapes, device tensors).
+
+    Entry ``i`` has ``query_lens[i]`` tokens starting at ``query_starts[i]`` in the flat batch;
+    after this step its sequence has ``context_lens[i]`` tokens in the cache, so its queries
+    sit at positions ``[context_lens[i] - query_lens[i], context_lens[i])``. The first
+    ``num_decodes`` entries have one query each.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    num_decodes: int
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of every flattened token
+    block_tables: torch.Tensor  # (num_entries, max_blocks) int64, padded with block 0
+    query_starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        starts, total = [], 0
+        for n in self.query_lens:
+            starts.append(total)
+            total += n
+        self.query_starts = starts
+
+
+class PagedAttentionBackend(Protocol):
+    """Makes the per-step attention context; one instance lives as long as the engine."""
+
+    name: str
+
+    def context(self, cache: PagedKVCache, meta: StepMetadata) -> AttentionContext: ...
+
+
+class SdpaBackend:
+    """Gather pages + PyTorch SDPA: runs everywhere, and is what faster backends must match."""
+
+    name = "sdpa"
+
+    def context(self, cache: PagedKVCache, meta: StepMetadata) -> AttentionContext:
+        return SdpaPagedAttention(cache, meta)
+
+
+def select_backend(name: str, device: torch.device) -> PagedAttentionBackend:
+    """The attention backend for ``name`` ("auto", "sdpa", "triton") on ``device``."""
+    if name not in BACKENDS:
+        raise TunelabError(
+            f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}."
+        )
+    if name == "triton":
+        dev.require("triton_kernels", device)
+        raise TunelabError(
+            "the triton attention backend is not built yet: use the sdpa backend "
+            "(attention_backend='sdpa' or 'auto')."
+        )
+    return SdpaBackend()  # "auto": the only backend so far
+
+
+class SdpaPagedAttention:
+    """``AttentionContext`` of one step for the sdpa backend (masks built once per step)."""
+
+    def __init__(self, cache: PagedKVCache, meta: StepMetadata):
+        self.cache, self.meta = cache, meta
+        self._masks: dict[tuple[int, int | None], AttnMask] = {}
+
+    def attend(self, layer, window, q, k, v):
+        # q: (1, H, T, D); k, v: (1, Hkv, T, D) after RoPE
+        meta, kc, vc = self.meta, self.cache.k[layer], self.cache.v[layer]
+        n_kv, D = kc.shape[2], kc.shape[3]
+        kc.view(-1, n_kv, D).index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1))
+        vc.view(-1, n_kv, D).index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1))
+        pieces = []
+        nd = meta.num_decodes
+        if nd:
+            pieces.append(self._decodes(window, q[:, :, :nd], kc, vc))
+        for i in range(nd, len(meta.query_lens)):
+            pieces.append(self._prefill(i, window, q, k, v, kc, vc))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def _gather(self, cache: torch.Tensor, rows: slice | int, num_keys: int) -> torch.Tensor:
+        """Keys (or values) of the first ``num_keys`` positions: (N, Hkv, num_keys, D)."""
+        bs = cache.shape[1]
+        tables = self.meta.block_tables[rows, : -(-num_keys // bs)]
+        tables = tables.reshape(-1, tables.shape[-1])  # (N, blocks)
+        pages = cache.index_select(0, tables.reshape(-1))  # (N * blocks, bs, Hkv, D)
+        pages = pages.view(tables.shape[0], -1, *cache.shape[2:])[:, :num_keys]
+        return pages.transpose(1, 2)
+
+    def _decodes(self, window, q, kc, vc):
+        """All single-token queries at once, keys padded to the longest context."""
+        nd, lens = self.meta.num_decodes, self.meta.context_lens[: self.meta.num_decodes]
+        H, D, n_kv = q.shape[1], q.shape[3], kc.shape[2]
+        num_keys = max(lens)
+        keys = self._gather(kc, slice(0, nd), num_keys)
+        values = self._gather(vc, slice(0, nd), num_keys)
+        # Query heads of one kv head become that head's "query rows": no kv expansion needed.
+        qg = q[0].transpose(0, 1).reshape(nd, n_kv, H // n_kv, D)
+        mask = self._decode_mask(window, num_keys, q.device)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return out.reshape(nd, H, D).transpose(0, 1)[None]  # (1, H, nd, D)
+
+    def _decode_mask(self, window: int | None, num_keys: int, device) -> AttnMask:
+        key = (-1, window)
+        if key not in self._masks:
+            lens = self.meta.context_lens[: self.meta.num_decodes]
+            ctx = torch.tensor(lens, device=device)[:, None]  # (nd, 1)
+            j = torch.arange(num_keys, device=device)[None, :]
+            allowed = j < ctx
+            if window is not None:
+                allowed &= j > ctx - 1 - window
+            all_visible = min(lens) == num_keys and (window is None or window >= num_keys)
+            self._masks[key] = None if all_visible else allowed[:, None, None, :]
+        return self._masks[key]
+
+    def _prefill(self, i, window, q, k, v, kc, vc):
+        """One prefill chunk: its queries against its cached prefix plus itself."""
+        meta = self.meta
+        s, n, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+        start = ctx - n
+        qi = q[:, :, s : s + n]
+        if start == 0:  # nothing cached before it: this step's keys are all it sees
+            keys, values = k[:, :, s : s + n], v[:, :, s : s + n]
+        else:
+            keys, values = self._gather(kc, i, ctx), self._gather(vc, i, ctx)
+        key = (i, window)
+        if key not in self._masks:
+            if start == 0 and (window is None or window >= n):
+                self._masks[key] = CAUSAL
+            else:
+                pos = torch.arange(start, ctx, device=q.device)[None]
+                self._masks[key] = build_mask(pos, None, ctx, window)
+        return _dense(qi, keys, values, self._masks[key])

@@ -1,0 +1,56 @@
+"""Prompts as users give them (text, chat messages, token ids) -> token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import TemplateError
+
+from tunelab.errors import TunelabError
+
+Messages = list[dict[str, Any]]
+Prompt = str | Messages | list[int]
+
+
+def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
+    """Token ids of ``prompt``: text as is, messages through the model's chat template."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return encode_chat(tokenizer, prompt)
+    if isinstance(prompt, str):
+        return _require(tokenizer, "text prompts")(prompt)["input_ids"]
+    if isinstance(prompt, list) and not prompt:
+        raise TunelabError("the prompt is empty: give at least one token.")
+    raise TunelabError(
+        f"a prompt is text, a list of chat messages (dicts) or a list of token ids, "
+        f"not {type(prompt).__name__}."
+    )
+
+
+def encode_chat(tokenizer: Any | None, messages: Messages) -> list[int]:
+    """Render ``messages`` with the tokenizer's chat template, ready for the answer."""
+    tokenizer = _require(tokenizer, "chat messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunelabError(
+            "this model's tokenizer has no chat template: send plain text (a raw prompt) "
+            "instead of messages."
+        )
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:  # the template's own checks (roles must alternate...)
+        raise TunelabError(f"the chat template rejected the messages: {e}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def is_single_prompt(prompts: Any) -> bool:
+    """True for one prompt (text, messages, token ids), False for a list of prompts."""
+    if isinstance(prompts, str):
+        return True
+    return isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int | dict)
+
+
+def _require(tokenizer: Any | None, what: str) -> Any:
+    if tokenizer is None:
+        raise TunelabError(f"{what} need a tokenizer; this engine has none: pass token ids.")
+    return tokenizer

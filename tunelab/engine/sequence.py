@@ -1,0 +1,102 @@
+"""One sequence being generated: its tokens, its place in the paged cache, its progress.
+
+A request with ``n`` samples becomes ``n`` sequences that share the prompt (and, through the
+prefix cache, the prompt's full blocks once one of them has computed it).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from tunelab.engine.sampler import Logprobs, SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (its blocks were freed)
+    RUNNING = "running"  # holds blocks; gets tokens scheduled every step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids (prompt + generated), block table and counters for one sample of a request.
+
+    ``num_computed_tokens`` counts tokens whose keys/values are in the cache (prefix-cache hits
+    included); the tokens after it are what the scheduler still has to run. A sequence needs a
+    new sample exactly when every token is computed.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        generator: torch.Generator | None = None,
+        arrival_time: float | None = None,
+    ):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n samples
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # memo: chained hashes of full blocks of token_ids
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hit at the last admission
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None  # "stop", "length", "abort", "error"
+        self.error: str | None = None
+        self.logprobs: list[Logprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[Logprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )  # position 0 has nothing before it
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token_id: int, logprobs: Logprobs | None = None) -> None:
+        self.token_ids.append(token_id)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
