@@ -11,6 +11,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the encoding logic changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the encoding logic changes, so old caches are not reused
 # DataConfig fields that do not change the tokens (and so stay out of the fingerprint).
 NOT_IN_FINGERPRINT = {"num_proc", "cache_dir", "packing", "on_error"}
 
@@ -57,11 +60,16 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
 
     if not cfg.train:
         raise TunelabError("data.train is empty; give a file, glob or list of files to train on.")
+    for key in ("max_samples", "max_val_samples"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise TunelabError(f"data.{key} must be at least 1 (got {getattr(cfg, key)}).")
     template = resolve_template(tokenizer, cfg.template)
     files = input_files(cfg.train) + (input_files(cfg.val) if cfg.val else [])
     cache = cache_root(cfg) / fingerprint(cfg, tokenizer, template, files)
     if (cache / "stats.json").exists():
-        return _load_cached(cache)
+        prepared = _load_cached(cache)
+        _check_skips(prepared.stats, cfg)  # a cache made under on_error: skip
+        return prepared
 
     train_read = read_sources(cfg.train, cfg)
     val_read = read_sources(cfg.val, cfg) if cfg.val else None
@@ -72,24 +80,61 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     )
     train = _encode_all(train_read.conversations, tokenizer, template, cfg, stats)
     val = _encode_all(val_read.conversations, tokenizer, template, cfg, stats) if val_read else None
-    if cfg.shuffle:
-        train = train.shuffle(seed=cfg.seed).flatten_indices()
-    if val is None and cfg.split > 0:
-        train, val = _split(train, cfg.split, cfg.seed)
-    train = _limit(train, cfg.max_samples)
-    val = _limit(val, cfg.max_val_samples) if val is not None else None
-    _fill_counts(stats, train, val, cfg)
-    with atomic_directory(cache, overwrite=True) as tmp:
-        train.save_to_disk(str(tmp / "train"))
-        if val is not None:
-            val.save_to_disk(str(tmp / "val"))
-        (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2))
+    if len(train) == 0:  # before the split, whose own message would hide the reason
+        raise TunelabError(
+            f"no training examples left after encoding ({_drops(stats)}); raise data.max_length "
+            "or check the data with `tunelab data show`."
+        )
+    with _no_progress_bars():
+        if cfg.shuffle:
+            train = train.shuffle(seed=cfg.seed).flatten_indices()
+        if val is None and cfg.split > 0:
+            train, val = _split(train, cfg.split, cfg.seed)
+        train = _limit(train, cfg.max_samples)
+        val = _limit(val, cfg.max_val_samples) if val is not None else None
+        _fill_counts(stats, train, val, cfg)
+        with atomic_directory(cache, overwrite=True) as tmp:
+            train.save_to_disk(str(tmp / "train"))
+            if val is not None:
+                val.save_to_disk(str(tmp / "val"))
+            (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2))
     log.info(
         "cached %d train / %d val examples in %s", stats.train_examples, stats.val_examples, cache
     )
     prepared = _load_cached(cache)
     prepared.stats.cache_hit = False
     return prepared
+
+
+def _check_skips(stats: DataStats, cfg: DataConfig) -> None:
+    """Under ``on_error: fail`` a cached result with skipped examples fails like a fresh read."""
+    if cfg.on_error == "fail" and stats.skipped:
+        first = stats.skipped[0]
+        raise TunelabError(
+            f"{first['source']}: {first['reason']}; fix the example, or set data.on_error: skip "
+            "to skip bad ones."
+        )
+
+
+def _drops(stats: DataStats) -> str:
+    return (
+        f"{stats.dropped_too_long} longer than data.max_length with data.truncation: drop, "
+        f"{stats.dropped_no_target} with no trained tokens left"
+    )
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide ``datasets`` progress bars (filter, save, load: noise next to tokenizing's)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -159,8 +204,10 @@ def _encode_all(convs: list[Conversation], tokenizer, template: str, cfg: DataCo
     stats.truncated += status.count("truncated")
     stats.dropped_too_long += status.count("too_long")
     stats.dropped_no_target += status.count("no_target")
-    kept = encoded.filter(lambda s: s in ("ok", "truncated"), input_columns="status")
-    return kept.remove_columns("status")
+    keep = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
+    with _no_progress_bars():
+        kept = encoded.select(keep) if len(keep) < len(encoded) else encoded
+        return kept.remove_columns("status").flatten_indices()
 
 
 class _Encoder:
@@ -196,6 +243,8 @@ def _limit(dataset, n: int | None):
 
 
 def _split(train, fraction: float, seed: int):
+    """Hold out a seeded random ``fraction``; both parts keep the incoming (shuffled or file)
+    order."""
     if not 0 < fraction < 1:
         raise TunelabError(f"data.split must be between 0 and 1 (got {fraction}).")
     n_val = max(1, round(len(train) * fraction))
@@ -204,19 +253,15 @@ def _split(train, fraction: float, seed: int):
             f"data.split={fraction} leaves no training examples out of {len(train)}; "
             "lower it or give data.val."
         )
-    parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    held_out = set(random.Random(seed).sample(range(len(train)), n_val))
+    rest = [i for i in range(len(train)) if i not in held_out]
+    return train.select(rest).flatten_indices(), train.select(sorted(held_out)).flatten_indices()
 
 
 def _fill_counts(stats: DataStats, train, val, cfg: DataConfig) -> None:
     from tunelab.data.packing import pack_greedy, packing_efficiency
     from tunelab.data.templates import IGNORE_INDEX
 
-    if len(train) == 0:
-        raise TunelabError(
-            "no training examples left after encoding (all dropped by truncation or with no "
-            "trained tokens); raise data.max_length or check the data with `tunelab data show`."
-        )
     stats.train_examples, stats.val_examples = len(train), len(val) if val is not None else 0
     lengths = train["length"]
     stats.tokens = sum(lengths)
@@ -230,6 +275,7 @@ def _load_cached(cache: Path) -> PreparedData:
 
     stats = DataStats(**json.loads((cache / "stats.json").read_text()))
     stats.cache_hit, stats.cache_path = True, str(cache)
-    train = datasets.load_from_disk(str(cache / "train"))
-    val = datasets.load_from_disk(str(cache / "val")) if (cache / "val").exists() else None
+    with _no_progress_bars():
+        train = datasets.load_from_disk(str(cache / "train"))
+        val = datasets.load_from_disk(str(cache / "val")) if (cache / "val").exists() else None
     return PreparedData(train, val, stats)

@@ -73,7 +73,11 @@ class AsyncEngine:
     def start(self) -> None:
         """Start the step loop (``add_request`` starts it too)."""
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+            # OpenMP thread counts are per thread: give the loop the caller's setting.
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(
+                target=self._loop, args=(threads,), name="tunelab-engine", daemon=True
+            )
             self._thread.start()
 
     def shutdown(self) -> None:
@@ -136,7 +140,8 @@ class AsyncEngine:
 
     # ---- the engine thread -----------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, threads: int) -> None:
+        torch.set_num_threads(threads)
         engine = self.engine
         try:
             while True:

@@ -20,12 +20,12 @@ from tunelab.engine.block_manager import BlockManager, blocks_for
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.kv_cache import PagedKVCache, activation_bytes, plan_num_blocks
 from tunelab.engine.model_runner import ModelRunner
-from tunelab.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamDelta
+from tunelab.engine.outputs import RequestOutput, StreamDelta, request_deltas, request_output
 from tunelab.engine.paged_attention import select_backend
 from tunelab.engine.prompts import Prompt, encode_prompt
 from tunelab.engine.sampler import Logprobs, SamplingParams
 from tunelab.engine.scheduler import Scheduler
-from tunelab.engine.sequence import Sequence, SequenceStatus
+from tunelab.engine.sequence import Request, Sequence, SequenceStatus
 from tunelab.errors import TunelabError
 from tunelab.models.decoder import Decoder
 
@@ -57,23 +57,6 @@ class EngineConfig:
         return EngineConfig(
             **{**vars(self), "max_num_seqs": seqs, "max_num_batched_tokens": tokens}
         )
-
-
-class Request:
-    """A prompt, its sampling parameters and its ``n`` sequences, plus streaming state."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
-        self.seqs: list[Sequence] = []
-        self.streams: list[TextStream | None] = []
-        self.unsent_text: list[str] = []
-        self.sent_tokens: list[int] = []  # output tokens already in a delta, per sample
-        self.error: str | None = None
-        self.arrival_time = time.perf_counter()
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -212,7 +195,7 @@ class LLMEngine:
         seqs = self.scheduler.abort(request_id)
         for seq in seqs:
             self._finished(req, seq)
-        return self._deltas(req, seqs)
+        return request_deltas(req, seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._failed)
@@ -222,7 +205,7 @@ class LLMEngine:
         req = self.requests[request_id]
         if req.finished:
             del self.requests[request_id]
-        return self._output(req)
+        return request_output(req, self.tokenizer)
 
     # ---- stepping --------------------------------------------------------------------------
 
@@ -243,7 +226,7 @@ class LLMEngine:
             self._on_token(self.requests[seq.request_id], seq, token, lp)
             changed.setdefault(seq.request_id, []).append(seq)
         for request_id, seqs in changed.items():
-            deltas.extend(self._deltas(self.requests[request_id], seqs))
+            deltas.extend(request_deltas(self.requests[request_id], seqs))
         return deltas
 
     def _on_token(self, req: Request, seq: Sequence, token: int, lp: Logprobs | None) -> None:
@@ -270,67 +253,6 @@ class LLMEngine:
         stream = req.streams[seq.index]
         if stream is not None:
             req.unsent_text[seq.index] += stream.finish()
-
-    def _deltas(self, req: Request, seqs: list[Sequence]) -> list[StreamDelta]:
-        """Deltas of ``seqs``; only the request's very last one says finished=True."""
-        deltas = [self._delta(req, seq) for seq in seqs]
-        for d in deltas[:-1]:
-            d.finished = False
-        return deltas
-
-    def _delta(self, req: Request, seq: Sequence) -> StreamDelta:
-        i = seq.index
-        out = seq.output_ids
-        new_tokens = out[req.sent_tokens[i] :]
-        logprobs = seq.logprobs[req.sent_tokens[i] :] if seq.logprobs is not None else None
-        req.sent_tokens[i] = len(out)
-        text, req.unsent_text[i] = req.unsent_text[i], ""
-        return StreamDelta(
-            req.request_id,
-            i,
-            text,
-            new_tokens,
-            seq.finish_reason,
-            logprobs,
-            seq.error,
-            finished=req.finished,
-        )
-
-    def _output(self, req: Request) -> RequestOutput:
-        outputs = []
-        for seq, stream in zip(req.seqs, req.streams, strict=True):
-            if stream is not None:
-                text = stream.text
-            elif self.tokenizer is not None and seq.output_ids:
-                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            else:
-                text = ""
-            outputs.append(
-                CompletionOutput(
-                    seq.index,
-                    text,
-                    seq.output_ids,
-                    seq.finish_reason,
-                    seq.logprobs,
-                    seq.num_preemptions,
-                )
-            )
-        firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        ends = [s.finished_time for s in req.seqs if s.finished_time is not None]
-        metrics = RequestMetrics(
-            req.arrival_time,
-            min(firsts) if firsts else None,
-            max(ends) if req.finished and ends else None,
-            req.seqs[0].num_cached_tokens,
-        )
-        return RequestOutput(
-            req.request_id,
-            req.prompt_ids,
-            outputs,
-            metrics,
-            req.seqs[0].prompt_logprobs,
-            req.error,
-        )
 
 
 def _is_token_ids(prompt: Prompt) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tunelab.engine.sampler import Logprobs
+from tunelab.engine.sequence import Request, Sequence
 
 
 @dataclass
@@ -79,3 +81,59 @@ class StreamDelta:
     logprobs: list[Logprobs] | None = None
     error: str | None = None
     finished: bool = False
+
+
+# ---- built from the engine's requests -----------------------------------------------------
+
+
+def request_deltas(req: Request, seqs: list[Sequence]) -> list[StreamDelta]:
+    """What changed in ``seqs`` since their last delta; only the last delta may say finished."""
+    deltas = [_delta(req, seq) for seq in seqs]
+    for d in deltas[:-1]:
+        d.finished = False
+    return deltas
+
+
+def _delta(req: Request, seq: Sequence) -> StreamDelta:
+    i = seq.index
+    out = seq.output_ids
+    new_tokens = out[req.sent_tokens[i] :]
+    logprobs = seq.logprobs[req.sent_tokens[i] :] if seq.logprobs is not None else None
+    req.sent_tokens[i] = len(out)
+    text, req.unsent_text[i] = req.unsent_text[i], ""
+    return StreamDelta(
+        req.request_id, i, text, new_tokens, seq.finish_reason, logprobs, seq.error, req.finished
+    )
+
+
+def request_output(req: Request, tokenizer: Any | None) -> RequestOutput:
+    """The whole result of ``req`` so far (text decoded at once unless it was streamed)."""
+    outputs = []
+    for seq, stream in zip(req.seqs, req.streams, strict=True):
+        if stream is not None:
+            text = stream.text
+        elif tokenizer is not None and seq.output_ids:
+            text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        else:
+            text = ""
+        outputs.append(
+            CompletionOutput(
+                seq.index,
+                text,
+                seq.output_ids,
+                seq.finish_reason,
+                seq.logprobs,
+                seq.num_preemptions,
+            )
+        )
+    firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+    ends = [s.finished_time for s in req.seqs if s.finished_time is not None]
+    metrics = RequestMetrics(
+        req.arrival_time,
+        min(firsts) if firsts else None,
+        max(ends) if req.finished and ends else None,
+        req.seqs[0].num_cached_tokens,
+    )
+    return RequestOutput(
+        req.request_id, req.prompt_ids, outputs, metrics, req.seqs[0].prompt_logprobs, req.error
+    )

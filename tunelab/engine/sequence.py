@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.sampler import Logprobs, SamplingParams
 
 _ids = itertools.count()
@@ -100,3 +101,20 @@ class Sequence:
             self.logprobs.append(logprobs)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
+
+
+class Request:
+    """A prompt, its sampling parameters and its ``n`` sequences, plus streaming state."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
+        self.seqs: list[Sequence] = []
+        self.streams: list[TextStream | None] = []  # incremental detokenizers, when needed
+        self.unsent_text: list[str] = []  # per sample: text not yet in a delta
+        self.sent_tokens: list[int] = []  # per sample: output tokens already in a delta
+        self.error: str | None = None
+        self.arrival_time = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
