@@ -67,10 +67,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _parse_scalar(value: str) -> Any:
+    """A YAML scalar, or a flow list / mapping (``[a, b]``, ``{k: v}``); anything else that
+    YAML would read as a structure (``"Note: be brief"``, ``"- x"``) stays the string it is."""
     try:
-        return yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
+    if isinstance(parsed, dict | list) and not value.lstrip().startswith(("[", "{")):
+        return value
+    return parsed
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +129,8 @@ def to_dict(obj: Any) -> Any:
 
 def _unknown_key_message(shown: str, key: str, valid: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:  # a valid key with words added or dropped: lr_rate -> lr
+        close = [v for v in valid if key.startswith(v + "_") or v.startswith(key + "_")][:1]
     hint = (
         f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(sorted(valid))}"
     )

@@ -8,6 +8,7 @@ and T the attention length (Σl²/Σl over the documents of a packed batch).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -57,6 +58,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.started = time.perf_counter()
         self.start_step = start_step
+        _drop_rows_after(self.path, start_step)  # steps of an attempt that did not checkpoint
         self._tb = _tensorboard_writer(run_dir / "tensorboard")
         self._progress = _Progress(total_steps, start_step) if progress else None
 
@@ -132,6 +134,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Resuming at ``step``: rows logged after it (by a run that died before its next
+    checkpoint) are repeated by the resumed run, so they go."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:

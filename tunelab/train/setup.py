@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +73,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
         return run_dir, ckpt
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return run_dir, None
-    if cfg.overwrite:
-        shutil.rmtree(run_dir)
+    if cfg.overwrite:  # Trainer.run empties it, after every check has passed
         return run_dir, None
     saved = run_dir / "config.yaml"
     if not saved.exists():

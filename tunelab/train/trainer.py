@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.cfg.train
+        if self.cfg.overwrite and self.resume_from is None and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)  # only now: a config error must not cost the old run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             self.state = ckpt.load_checkpoint(
@@ -108,6 +111,7 @@ class Trainer:
                     val_loss = self._validate(metrics)
             finally:
                 metrics.close()
+        path = ckpt.checkpoint_dir(self.run_dir, self.state.step)
         if saved_at != self.state.step:
             path = self._save_checkpoint()
         if self._stop_signal is not None:
@@ -138,12 +142,13 @@ class Trainer:
             loss = loss_sum / max(targets, 1)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss.detach())
+        lr = self.scheduler.get_last_lr()[0]  # the lr of this step (the scheduler moves on)
         grad_norm = self._optimizer_step()
         tokens = sum(b.num_tokens for b in micro)
         self.state.step += 1
         self.state.tokens_seen += tokens
         elapsed = time.perf_counter() - started
-        return self._log_row(loss_total, grad_norm, tokens, elapsed, micro)
+        return self._log_row(loss_total, lr, grad_norm, tokens, elapsed, micro)
 
     def _forward(self, batch) -> tuple[torch.Tensor, int]:
         attn = attention_for(batch, self.windows, self.cfg.data.packing)
@@ -169,7 +174,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _log_row(self, loss, grad_norm, tokens, elapsed, micro) -> dict:
+    def _log_row(self, loss, lr, grad_norm, tokens, elapsed, micro) -> dict:
         lens = [n for b in micro for row in b.seq_lens for n in row]
         attn_len = sum(n * n for n in lens) / max(sum(lens), 1)
         tps = tokens / elapsed if elapsed > 0 else 0.0
@@ -179,7 +184,7 @@ class Trainer:
             "step": self.state.step,
             "epoch": self.state.epoch,
             "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens,
             "tokens_per_s": tps,

@@ -1,0 +1,120 @@
+"""Helpers for the trainer tests: tiny chat datasets, configs, single-step probes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from tunelab.train.config import TrainConfig, load_train_config
+
+WORDS = [
+    "the", "capital", "of", "France", "is", "Paris", "Italy", "Rome", "what", "tell", "me",
+    "about", "machine", "learning", "and", "language", "models", "fine", "tuning", "adapts",
+    "a", "pretrained", "model", "to", "new", "data", "with", "small", "rate", "hello",
+    "world", "this", "tiny", "tokenizer", "for", "tests",
+]  # fmt: skip
+
+
+def write_chats(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` short ChatML conversations ("messages" format) of varied lengths."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            question = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(1, 12)))
+            messages = [
+                {"role": "user", "content": f"{question}?"},
+                {"role": "assistant", "content": f"{answer}. {i}"},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def overrides(**keys) -> list[str]:
+    """``overrides(train__lr=1e-3, method="full")`` -> ``["--train.lr", "0.001", ...]``."""
+    out = []
+    for key, value in keys.items():
+        if isinstance(value, list | bool):
+            value = json.dumps(value)
+        out += ["--" + key.replace("__", "."), str(value)]
+    return out
+
+
+def tiny_config(model: Path, data: Path, out: Path, cache: Path, **keys) -> TrainConfig:
+    """A CPU / fp32 config for a tiny model; ``keys`` as in ``overrides``."""
+    base = dict(
+        model=model,
+        data__train=data,
+        data__cache_dir=cache,
+        data__max_length=64,
+        output_dir=out,
+        train__device="cpu",
+        train__precision="fp32",
+        train__max_steps=2,
+        train__batch_size=4,
+        train__warmup=0,
+        lora__rank=4,
+        lora__alpha=8,
+    )
+    return load_train_config(None, overrides(**{**base, **keys}))
+
+
+@torch.no_grad()
+def randomise_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
+    """LoRA's B starts at zero (so A gets no gradient); give it values."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def one_step(trainer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run ``trainer._step`` on the first batches; return its log row and the gradients it
+    produced (before clipping and the optimizer update)."""
+    grads: dict[str, torch.Tensor] = {}
+    step = trainer._optimizer_step
+
+    def capture() -> float:
+        for name, p in trainer.model.named_parameters():
+            if p.grad is not None:
+                grads[name] = p.grad.detach().clone()
+        return step()
+
+    trainer._optimizer_step = capture
+    try:
+        row = trainer._step(trainer.train_plan.iterate(0, 0))
+    finally:
+        del trainer._optimizer_step
+    return row, grads
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_rows(run_dir) if "loss" in r}
+
+
+def model_available_offline(spec: str) -> bool:
+    """Whether resolving ``spec`` needs no download."""
+    from tunelab.default_model import GGUF_NAME, WHEEL_ENV, tunelab_home
+    from tunelab.hub import DEFAULT_NAME, models_dir
+
+    if spec == "default":
+        converted = (models_dir() / DEFAULT_NAME / "config.json").exists()
+        gguf = (tunelab_home() / "downloads" / GGUF_NAME).exists()
+        return converted or gguf or bool(os.environ.get(WHEEL_ENV))
+    if Path(spec).expanduser().exists():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    repo = spec.removeprefix("hf://")
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)

@@ -1,0 +1,171 @@
+"""``tunelab train`` on the command line: bad input fails before the model loads, the run-dir
+policy (refuse / --overwrite / resume), --dry-run, and every recipe in examples/."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train.helpers import model_available_offline, read_rows, write_chats
+from tunelab import device as dev
+from tunelab.cli import main
+from tunelab.errors import TunelabError
+from tunelab.train.checkpoint import list_checkpoints
+from tunelab.train.commands import run_train
+from tunelab.train.config import load_train_config
+
+EXAMPLES_DIR = Path(__file__).parents[2] / "examples"
+EXAMPLES = sorted(EXAMPLES_DIR.rglob("*.yaml"))
+
+
+@pytest.fixture
+def recipe(make_tiny_model, tmp_path) -> Path:
+    """A YAML recipe for the tiny llama on 8 conversations, output in tmp_path/run."""
+    config = {
+        "model": str(make_tiny_model("llama")),
+        "method": "lora",
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {
+            "train": "chats.jsonl",  # relative to the recipe
+            "max_length": 64,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {"max_steps": 1, "batch_size": 4, "device": "cpu", "precision": "fp32"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    write_chats(tmp_path / "chats.jsonl", 8)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the error")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load the model fails the test."""
+    monkeypatch.setattr("tunelab.models.loading.load_model", _no_load)
+
+
+def fails(capsys, argv: list[str]) -> str:
+    """``tunelab -q train ...`` exits 2 with an ``error:`` line; return that line."""
+    capsys.readouterr()
+    code = main(["-q", "train", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def succeeds(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    code = main(["-q", "train", *argv])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--train.lr_rate", "1e-4"], ["train.lr_rate", "did you mean train.lr?"]),
+        (["--method", "qlorra"], ["'full', 'freeze', 'lora', 'qlora'"]),
+        (["--method", "[qlora, full]"], ["'full', 'freeze', 'lora', 'qlora'"]),
+        (["--train.precision", "fp16"], ["fp16", "CPU", "fp32 or bf16"]),
+        (["--data.train", "missing.jsonl"], ["missing.jsonl"]),
+        (["--lora.rank", "0"], ["LoRA rank must be positive"]),
+        (["--resume", "nowhere"], ["--resume nowhere: not a checkpoint directory"]),
+        (["--freeze.last_layers", "0", "--method", "freeze"], ["freeze.modules"]),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(capsys, recipe, no_model_load, flags, expected):
+    line = fails(capsys, [str(recipe), *flags])
+    for text in expected:
+        assert text in line
+    assert not (recipe.parent / "run").exists()
+
+
+def test_qlora_where_nf4_is_unsupported(capsys, recipe, no_model_load, monkeypatch):
+    monkeypatch.setitem(dev.CAPABILITIES, "qlora_nf4", frozenset({"cuda"}))
+    line = fails(capsys, [str(recipe), "--method", "qlora"])
+    assert "qlora_nf4 is not available on cpu" in line
+
+
+def test_run_dir_policy(capsys, recipe, monkeypatch):
+    """Another run: refused unless --overwrite; the same config resumes; foreign dirs refused."""
+    run = recipe.parent / "run"
+    succeeds(capsys, [str(recipe)])
+    assert [p.name for p in list_checkpoints(run)] == ["step-1"]
+
+    with monkeypatch.context() as m:
+        m.setattr("tunelab.models.loading.load_model", _no_load)
+        line = fails(capsys, [str(recipe), "--train.lr", "1e-3"])
+        assert "holds another run" in line and "train.lr" in line and "--overwrite" in line
+        # A bad --overwrite command leaves the old run alone.
+        fails(
+            capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite", "--train.precision", "fp16"]
+        )
+        assert list_checkpoints(run)
+        foreign = recipe.parent / "foreign"
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+        line = fails(capsys, [str(recipe), "--output_dir", str(foreign)])
+        assert "holds no tunelab run" in line
+
+    # Same config, longer: resume: auto continues from step 1.
+    out = succeeds(capsys, [str(recipe), "--train.max_steps", "2"])
+    assert "trained 2 steps" in out
+    assert [r["step"] for r in read_rows(run) if "loss" in r] == [1, 2]
+
+    # --overwrite starts afresh with the new config.
+    succeeds(capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite"])
+    assert [r["step"] for r in read_rows(run) if "loss" in r] == [1]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def test_dry_run(capsys, recipe, no_model_load, monkeypatch):
+    out = succeeds(capsys, [str(recipe), "--dry-run"])
+    assert "# resolved config" in out
+    assert "trainable parameters:" in out
+    for row in ("weights", "gradients", "optimizer (AdamW)", "activations", "logits chunk"):
+        assert row in out
+    assert "fits: yes" in out
+    assert not (recipe.parent / "run").exists()
+
+    monkeypatch.setattr(dev, "mem_get_info", lambda device: (1 << 20, 2 << 20))
+    line = fails(capsys, [str(recipe), "--dry-run"])
+    assert "GiB" in line and "train.batch_size" in line
+
+
+def test_examples_exist():
+    assert EXAMPLES, "no recipes in examples/"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(EXAMPLES_DIR)) for p in EXAMPLES])
+def test_example_recipe(path, monkeypatch, no_model_load):
+    """Every recipe parses; those whose model is here offline also pass --dry-run on CPU."""
+    cfg = load_train_config(path, [])
+    for sources in (cfg.data.train, cfg.data.val or []):
+        for source in sources if isinstance(sources, list) else [sources]:
+            source = Path(getattr(source, "path", source))
+            assert any(source.parent.glob(source.name)), f"{source} is missing"
+    if not model_available_offline(cfg.model):
+        pytest.skip(f"{cfg.model} is not available offline")
+    # Whether it fits this machine's RAM is not the question here.
+    monkeypatch.setattr(dev, "mem_get_info", lambda device: (1 << 50, 1 << 50))
+    out = io.StringIO()
+    assert run_train(str(path), ["--train.device", "cpu"], dry_run=True, out=out) == 0
+    assert "trainable parameters:" in out.getvalue()
+
+
+def test_errors_are_tunelab_errors(recipe, no_model_load):
+    """The Python API raises the same errors (the CLI turns them into exit code 2)."""
+    with pytest.raises(TunelabError, match=r"did you mean train\.lr\?"):
+        load_train_config(recipe, ["--train.lr_rate", "1"])
