@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,18 @@ from tunelab.config import from_dict, load_yaml, merge, parse_overrides
 from tunelab.data.config import DataConfig, DataSource, paths_relative_to
 from tunelab.errors import TunelabError
 
-# Sections of a training config that the data verbs read past (``tunelab train`` checks them).
-TRAINING_SECTIONS = ("method", "lora", "freeze", "train", "output_dir", "eval")
+# Top-level keys of a training config that the data verbs read past (``tunelab train`` checks
+# them); every TrainConfig field but model and data (tests/data/test_data_cli.py checks that).
+TRAINING_SECTIONS = (
+    "method",
+    "lora",
+    "freeze",
+    "train",
+    "output_dir",
+    "eval",
+    "resume",
+    "overwrite",
+)
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"  # marks trained text when colour is not available
 
 
@@ -69,17 +80,18 @@ def run_prepare(config: str, overrides: list[str], out: TextIO | None = None) ->
         table.add_row(name, str(value))
     console = Console(file=out or sys.stdout)
     console.print(table)
+    # soft_wrap: file:line and the cache path stay on one line (copyable, greppable).
     for skip in s.skipped[:20]:
-        console.print(f"skipped {skip['source']}: {skip['reason']}", markup=False)
+        console.print(f"skipped {skip['source']}: {skip['reason']}", markup=False, soft_wrap=True)
     if len(s.skipped) > 20:
-        console.print(f"... and {len(s.skipped) - 20} more skipped")
-    console.print(f"cache: {s.cache_path}", markup=False)
+        console.print(f"... and {len(s.skipped) - 20} more skipped", soft_wrap=True)
+    console.print(f"cache: {s.cache_path}", markup=False, soft_wrap=True)
     return 0
 
 
 def run_show(config: str, n: int, overrides: list[str], out: TextIO | None = None) -> int:
     from tunelab.data.formats import read_sources
-    from tunelab.data.templates import encode, resolve_template
+    from tunelab.data.templates import SKIP_TOO_LONG, encode_or_skip, resolve_template
 
     job = load_data_job(config, overrides)
     cfg = job.data
@@ -91,21 +103,31 @@ def run_show(config: str, n: int, overrides: list[str], out: TextIO | None = Non
     first = sources[0] if isinstance(sources[0], DataSource) else DataSource(path=sources[0])
     convs = read_sources([first], cfg).conversations[:n]
     stream = out or sys.stdout
-    colour = stream.isatty()
+    colour = stream.isatty() and not os.environ.get("NO_COLOR")
     legend = (
         "trained tokens in green" if colour else f"trained text inside {PLAIN_OPEN} {PLAIN_CLOSE}"
     )
     stream.write(f"# {len(convs)} example(s) from {first.path} ({legend})\n")
+    options = {
+        "train_on_prompt": cfg.train_on_prompt,
+        "mask_history": cfg.mask_history,
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
+    }
     for conv in convs:
-        kwargs = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history}
-        enc = encode(conv, tokenizer, template, **kwargs)
+        enc = encode_or_skip(conv, tokenizer, template, **options)
         stream.write(f"\n--- {conv.source} ---\n")
-        if enc is None:
-            stream.write("(dropped: no trained tokens)\n")
+        if isinstance(enc, str):  # why it is dropped: as `prepare` would
+            why = (
+                f"longer than data.max_length={cfg.max_length}"
+                if enc == SKIP_TOO_LONG
+                else "no trained tokens"
+            )
+            stream.write(f"(dropped: {why})\n")
             continue
         stream.write(render_mask(tokenizer, enc.input_ids, enc.labels, colour) + "\n")
-        trained = sum(1 for x in enc.labels if x != -100)
-        stream.write(f"[{len(enc.input_ids)} tokens, {trained} trained]\n")
+        cut = f", truncated to data.max_length={cfg.max_length}" if enc.truncated else ""
+        stream.write(f"[{len(enc.input_ids)} tokens, {enc.num_trained} trained{cut}]\n")
     return 0
 
 

@@ -64,8 +64,7 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise TunelabError(f"data.{key} must be at least 1 (got {getattr(cfg, key)}).")
     template = resolve_template(tokenizer, cfg.template)
-    files = input_files(cfg.train) + (input_files(cfg.val) if cfg.val else [])
-    cache = cache_root(cfg) / fingerprint(cfg, tokenizer, template, files)
+    cache = cache_root(cfg) / fingerprint(cfg, tokenizer, template)
     if (cache / "stats.json").exists():
         prepared = _load_cached(cache)
         _check_skips(prepared.stats, cfg)  # a cache made under on_error: skip
@@ -87,7 +86,7 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         )
     with _no_progress_bars():
         if cfg.shuffle:
-            train = train.shuffle(seed=cfg.seed).flatten_indices()
+            train = train.shuffle(seed=cfg.seed)  # save_to_disk applies the order once
         if val is None and cfg.split > 0:
             train, val = _split(train, cfg.split, cfg.seed)
         train = _limit(train, cfg.max_samples)
@@ -143,32 +142,49 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else tunelab_home() / "data"
 
 
-def input_files(sources: Any) -> list[Path]:
-    """Every file behind the data sources (directories expanded), in a stable order."""
-    from tunelab.data.formats import expand_paths
+def fingerprint(cfg: DataConfig, tokenizer: Any, template: str) -> str:
+    """A stable hash of file bytes, tokenizer, template and the options that shape tokens.
 
-    items = sources if isinstance(sources, list) else [sources]
-    paths = [p for item in items for p in expand_paths(getattr(item, "path", item))]
-    return [
-        f
-        for p in paths
-        for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
-    ]
-
-
-def fingerprint(cfg: DataConfig, tokenizer: Any, template: str, files: list[Path]) -> str:
-    """A stable hash of file bytes, tokenizer, template and the options that shape tokens."""
+    Sources enter by their files' names and bytes, weight and format, not by their path
+    strings: the same file reached through another path (relative, absolute, from another
+    folder) is the same data.
+    """
     h = hashlib.sha256(f"tunelab-data-v{CACHE_VERSION}".encode())
-    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    skip = NOT_IN_FINGERPRINT | {"train", "val"}
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     h.update(template.encode())
     h.update(_tokenizer_identity(tokenizer).encode())
-    for path in files:
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    for split, sources in (("train", cfg.train), ("val", cfg.val)):
+        for item in _source_list(sources):
+            weight, fmt = _source_field(item, "weight", 1.0), _source_field(item, "format", None)
+            files = _source_files(item)
+            h.update(json.dumps([split, weight, fmt, len(files)]).encode())
+            for path in files:
+                h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(chunk)
     return h.hexdigest()[:20]
+
+
+def _source_list(sources: Any) -> list[Any]:
+    return sources if isinstance(sources, list) else [] if sources is None else [sources]
+
+
+def _source_field(item: Any, name: str, default: Any) -> Any:
+    """A field of a source given as a path, a DataSource or a {path, weight, format} dict."""
+    if isinstance(item, str):
+        return default
+    return item.get(name, default) if isinstance(item, dict) else getattr(item, name, default)
+
+
+def _source_files(item: Any) -> list[Path]:
+    from tunelab.data.files import files_of
+    from tunelab.data.formats import expand_paths
+
+    path = item if isinstance(item, str) else _source_field(item, "path", None)
+    return [f for p in expand_paths(str(path)) for f in files_of(p)]
 
 
 def _tokenizer_identity(tokenizer: Any) -> str:
@@ -179,7 +195,9 @@ def _tokenizer_identity(tokenizer: Any) -> str:
 
 
 def conversation_to_json(conv: Conversation) -> str:
-    return json.dumps(dataclasses.asdict(conv), ensure_ascii=False)
+    # vars(), not dataclasses.asdict: asdict deep-copies and costs more than the JSON itself.
+    data = {**vars(conv), "turns": [vars(t) for t in conv.turns]}
+    return json.dumps(data, ensure_ascii=False)
 
 
 def conversation_from_json(text: str) -> Conversation:
@@ -194,20 +212,33 @@ def _encode_all(convs: list[Conversation], tokenizer, template: str, cfg: DataCo
 
     raw = datasets.Dataset.from_dict({"conv": [conversation_to_json(c) for c in convs]})
     encoder = _Encoder(tokenizer, template, cfg)
+    # Explicit types: a batch (or worker shard) of dropped examples alone would be list<null>.
+    seq = getattr(datasets, "List", None) or datasets.Sequence  # List: datasets >= 4
+    features = datasets.Features(
+        {
+            "input_ids": seq(datasets.Value("int32")),
+            "labels": seq(datasets.Value("int64")),
+            "length": datasets.Value("int64"),
+            "status": datasets.Value("string"),
+        }
+    )
     encoded = raw.map(
         encoder,
+        batched=True,  # fewer datasets round trips per example
+        batch_size=256,
+        features=features,
         remove_columns=["conv"],
         num_proc=cfg.num_proc if cfg.num_proc > 1 and len(convs) >= 2 * cfg.num_proc else None,
         desc="tokenizing",
     )
-    status = encoded["status"]
+    status = _column(encoded, "status").to_pylist()
     stats.truncated += status.count("truncated")
     stats.dropped_too_long += status.count("too_long")
     stats.dropped_no_target += status.count("no_target")
     keep = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
     with _no_progress_bars():
         kept = encoded.select(keep) if len(keep) < len(encoded) else encoded
-        return kept.remove_columns("status").flatten_indices()
+        return kept.remove_columns("status")
 
 
 class _Encoder:
@@ -216,26 +247,27 @@ class _Encoder:
     def __init__(self, tokenizer, template: str, cfg: DataConfig):
         self.tokenizer, self.template, self.cfg = tokenizer, template, cfg
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         from tunelab.data.templates import encode_or_skip
 
         cfg = self.cfg
-        out = encode_or_skip(
-            conversation_from_json(row["conv"]),
-            self.tokenizer,
-            self.template,
-            train_on_prompt=cfg.train_on_prompt,
-            mask_history=cfg.mask_history,
-            max_length=cfg.max_length,
-            truncation=cfg.truncation,
-        )
-        if isinstance(out, str):  # the reason it was dropped
-            return _row([], [], out)
-        return _row(out.input_ids, out.labels, "truncated" if out.truncated else "ok")
-
-
-def _row(ids: list[int], labels: list[int], status: str) -> dict[str, Any]:
-    return {"input_ids": ids, "labels": labels, "length": len(ids), "status": status}
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "status": []}
+        for text in batch["conv"]:
+            enc = encode_or_skip(
+                conversation_from_json(text),
+                self.tokenizer,
+                self.template,
+                train_on_prompt=cfg.train_on_prompt,
+                mask_history=cfg.mask_history,
+                max_length=cfg.max_length,
+                truncation=cfg.truncation,
+            )
+            dropped = isinstance(enc, str)  # then enc is the reason
+            out["input_ids"].append([] if dropped else enc.input_ids)
+            out["labels"].append([] if dropped else enc.labels)
+            out["length"].append(0 if dropped else len(enc.input_ids))
+            out["status"].append(enc if dropped else "truncated" if enc.truncated else "ok")
+        return out
 
 
 def _limit(dataset, n: int | None):
@@ -255,17 +287,26 @@ def _split(train, fraction: float, seed: int):
         )
     held_out = set(random.Random(seed).sample(range(len(train)), n_val))
     rest = [i for i in range(len(train)) if i not in held_out]
-    return train.select(rest).flatten_indices(), train.select(sorted(held_out)).flatten_indices()
+    return train.select(rest), train.select(sorted(held_out))
+
+
+def _column(dataset, name: str):
+    """One column as a pyarrow ChunkedArray: ``dataset[name]`` is a lazy Column whose every
+    index is a table lookup, far too slow to loop over."""
+    return dataset.with_format("arrow")[name]
 
 
 def _fill_counts(stats: DataStats, train, val, cfg: DataConfig) -> None:
+    import pyarrow.compute as pc
+
     from tunelab.data.packing import pack_greedy, packing_efficiency
     from tunelab.data.templates import IGNORE_INDEX
 
     stats.train_examples, stats.val_examples = len(train), len(val) if val is not None else 0
-    lengths = train["length"]
+    lengths = _column(train, "length").to_pylist()
     stats.tokens = sum(lengths)
-    stats.trained_tokens = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in train["labels"])
+    labels = pc.list_flatten(_column(train, "labels"))
+    stats.trained_tokens = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
     bins = pack_greedy(lengths, cfg.max_length)
     stats.packing_efficiency = packing_efficiency(lengths, bins, cfg.max_length)
 
