@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)  # bad flags fail before a model is fetched or loaded
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
+    gen = SimpleGenerator.load(args.model, args.device, args.dtype, adapter=args.adapter)
     if args.raw:
         ids = gen.encode_text(prompt)
     else:
@@ -56,7 +56,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.engine.simple import SimpleGenerator
 
     params = sampling_params(args)  # bad flags fail before a model is fetched or loaded
-    gen = SimpleGenerator.load(args.model, device=args.device, dtype=args.dtype)
+    gen = SimpleGenerator.load(args.model, args.device, args.dtype, adapter=args.adapter)
     run_chat(gen, params, system=args.system)
     return 0
 
@@ -78,6 +78,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides += ["--resume", args.resume]
     return run_train(args.config, overrides, args.dry_run)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.export.commands import run_merge
+
+    return run_merge(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export.commands import run_export
+
+    return run_export(args)
 
 
 def sampling_params(args: argparse.Namespace):
@@ -118,6 +130,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter to apply (not merged)")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
@@ -146,6 +162,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "chat": (cmd_chat, "interactive chat with streamed answers"),
     "data": (cmd_data, "prepare (tokenize + cache) or show training data from a config file"),
     "train": (cmd_train, "fine-tune (full / freeze / LoRA / QLoRA) from a YAML config"),
+    "merge": (cmd_merge, "merge a LoRA adapter into its base, verified, as an HF directory"),
+    "export": (cmd_export, "export a model or adapter as HF, PEFT or GGUF (llama.cpp/Ollama)"),
 }
 
 
@@ -206,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["generate"]
     _add_model_flags(p)
+    _add_adapter_flag(p)
     p.add_argument("--prompt", required=True, help="the prompt ('-' reads stdin)")
     p.add_argument(
         "--raw",
@@ -216,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["chat"]
     _add_model_flags(p)
+    _add_adapter_flag(p)
     _add_sampling_flags(p)
 
     data_sub = parsers["data"].add_subparsers(dest="data_verb", metavar="ACTION")
@@ -260,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="auto (default: continue a matching run in output_dir), never, or a checkpoint dir",
     )
+    from tunelab.export.commands import add_export_flags, add_merge_flags
+
+    add_merge_flags(parsers["merge"])
+    add_export_flags(parsers["export"])
     return parser
 
 

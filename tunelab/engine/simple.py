@@ -50,15 +50,43 @@ class SimpleGenerator:
 
     @classmethod
     def load(
-        cls, spec: str = "default", device: str | None = None, dtype: str | None = None
+        cls,
+        spec: str = "default",
+        device: str | None = None,
+        dtype: str | None = None,
+        adapter: str | Path | None = None,
     ) -> SimpleGenerator:
-        """Resolve a model spec (see ``tunelab.hub``) and load model + tokenizer."""
+        """Resolve a model spec (see ``tunelab.hub``) and load model + tokenizer.
+
+        ``adapter``: a PEFT LoRA adapter directory applied on top, unmerged; its own
+        tokenizer (the chat template it was trained with) is used when it has one, and a
+        QLoRA adapter gets the NF4-rounded base it was trained on (as ``tunelab merge`` does).
+        """
         from tunelab.hub import resolve_model
-        from tunelab.models.loading import load_model, load_tokenizer, read_generation_config
+        from tunelab.models.loading import (
+            TOKENIZER_FILES,
+            load_model,
+            load_tokenizer,
+            read_generation_config,
+        )
 
         model_dir = resolve_model(spec)
-        tokenizer = load_tokenizer(model_dir)
+        tok_dir = model_dir
+        if adapter is not None and any((Path(adapter) / f).exists() for f in TOKENIZER_FILES):
+            tok_dir = Path(adapter)
+        tokenizer = load_tokenizer(tok_dir)
         model = load_model(model_dir, device=device, dtype=dtype)
+        if adapter is not None:
+            from tunelab.export.qlora import detect_qlora, nf4_round_trip
+            from tunelab.models.peft_io import load_adapter
+
+            info = detect_qlora(Path(adapter))
+            if info.qlora:
+                try:
+                    nf4_round_trip(model, info.base_dtype or model.dtype)
+                except TunelabError as e:  # no NF4 on this device: the full base is close
+                    log.warning("adapter applied to the full-precision base: %s", e)
+            load_adapter(model, adapter)
         return cls(model, tokenizer, eos_ids_from(read_generation_config(Path(model_dir))))
 
     # ---- prompts -------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""``tunelab merge`` and ``tunelab export``: flags in, one stage function called, path out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunelab.errors import TunelabError
+
+FORMATS = ("hf", "peft", "gguf")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``tunelab merge``: the figures to stderr, the output directory to stdout."""
+    from tunelab.export.merge import merge_adapter
+
+    report = merge_adapter(
+        args.model,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        device=args.device,
+        qlora=args.qlora,
+    )
+    print(report.summary(), file=sys.stderr)
+    print(report.out)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``tunelab export --format hf|peft|gguf``: prints the written path."""
+    if args.format == "hf":
+        if args.adapter:
+            args.dtype = args.dtype or "bf16"
+            return run_merge(args)
+        from tunelab.models.convert import convert
+
+        print(convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite))
+        return 0
+    if args.format == "peft":
+        if not args.adapter:
+            raise TunelabError("--format peft exports an adapter: pass --adapter DIR.")
+        from tunelab.export.peft import export_peft
+
+        print(export_peft(args.model, args.adapter, args.out, overwrite=args.overwrite))
+        return 0
+    from tunelab.export.gguf import export_gguf
+
+    out = export_gguf(
+        args.model,
+        args.out,
+        adapter=args.adapter,
+        quant=args.quant,
+        overwrite=args.overwrite,
+        qlora=args.qlora,
+    )
+    print(out)
+    return 0
+
+
+def add_merge_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``tunelab merge``."""
+    p.add_argument("--model", default="default", help="base model spec (default: %(default)s)")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32"],
+        help="dtype of the merged weights (default: %(default)s; the merge itself runs in fp32)",
+    )
+    _add_common(p)
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``tunelab export``."""
+    p.add_argument("--model", default="default", help="model spec (default: %(default)s)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter to merge or export")
+    p.add_argument("--format", required=True, choices=FORMATS, help="hf, peft or gguf")
+    p.add_argument("--out", required=True, help="output directory (hf, peft) or .gguf file")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "fp16", "fp32"],
+        help="hf: weight dtype (default: bf16 when merging, else the source's dtype)",
+    )
+    p.add_argument(
+        "--quant", default="f16", choices=["f16", "q8_0", "f32"], help="gguf: tensor type"
+    )
+    _add_common(p)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="cpu", help="where the merge computes (default: cpu)")
+    p.add_argument(
+        "--qlora",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="merge into the NF4-dequantized base the adapter was trained on (auto: detect "
+        "from the adapter or its training run)",
+    )
