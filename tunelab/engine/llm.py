@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from tunelab.engine.llm_engine import EngineConfig, LLMEngine
 from tunelab.engine.outputs import RequestOutput
-from tunelab.engine.prompts import Prompt, is_single_prompt
+from tunelab.engine.prompts import Messages, Prompt, encode_chat, encode_prompt, is_single_prompt
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
 from tunelab.models.decoder import Decoder
@@ -67,6 +68,37 @@ class LLM:
     @property
     def tokenizer(self) -> Any | None:
         return self.engine.tokenizer
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template."""
+        return encode_chat(self.tokenizer, messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        return encode_prompt(self.tokenizer, text)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one completion as it is decoded (``SimpleGenerator.stream``).
+
+        Drop-in for ``SimpleGenerator`` in ``generate`` / ``chat``; a chat re-sending its
+        history gets the earlier turns from the prefix cache.
+        """
+        engine = self.engine
+        request_id = engine.add_request(prompt, params, stream=True)
+        try:
+            while request_id in engine.requests:
+                for delta in engine.step():
+                    if delta.request_id != request_id:
+                        continue
+                    if delta.error:
+                        raise TunelabError(delta.error)
+                    if delta.text:
+                        yield delta.text
+                    if delta.finished:
+                        engine.pop_output(request_id)
+        finally:
+            if request_id in engine.requests:  # the caller stopped early
+                engine.abort(request_id)
+                engine.pop_output(request_id)
 
     def generate(
         self,

@@ -37,7 +37,7 @@ class EngineConfig:
     """Engine knobs; None picks a default for the device (accelerator / CPU)."""
 
     max_num_seqs: int | None = None  # running sequences at once (256 / 64)
-    max_num_batched_tokens: int | None = None  # tokens per step (8192 / 256)
+    max_num_batched_tokens: int | None = None  # tokens per step (8192 / 512)
     max_cache_tokens: int | None = None  # cache size cap (accelerators: from free memory)
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -47,8 +47,9 @@ class EngineConfig:
 
     def resolved(self, device: torch.device) -> EngineConfig:
         accel = device.type not in ("cpu", "mps")
-        seqs = self.max_num_seqs or (256 if accel else 64)
-        tokens = self.max_num_batched_tokens or (8192 if accel else 256)
+        seqs = self.max_num_seqs if self.max_num_seqs is not None else (256 if accel else 64)
+        tokens = self.max_num_batched_tokens
+        tokens = tokens if tokens is not None else (8192 if accel else 512)
         for name, value in (("max_num_seqs", seqs), ("max_num_batched_tokens", tokens)):
             if value < 1:
                 raise TunelabError(f"{name} must be >= 1, got {value}.")
@@ -119,11 +120,21 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
     ) -> str:
-        """Queue a prompt (text, chat messages or token ids); return its request id."""
+        """Queue a prompt (text, chat messages or token ids); return its request id.
+
+        ``stream`` detokenizes as tokens come so deltas carry text (always on with
+        ``config.stream_text``); otherwise the text is decoded once at the end.
+        """
         params = params or SamplingParams()
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:
+            request_id = next(r for r in map(str, self._ids) if r not in self.requests)
+        request_id = str(request_id)
         if request_id in self.requests:
             raise TunelabError(f"request id {request_id!r} is already in use; pick another.")
         try:
@@ -133,6 +144,7 @@ class LLMEngine:
             prompt_ids = prompt if _is_token_ids(prompt) else []
             return self._fail(request_id, list(prompt_ids), params, str(e))
         req = Request(request_id, prompt_ids, params)
+        req.stream = stream or self.config.stream_text
         for i in range(params.n):
             gen = params.make_generator(self.device, offset=i)
             seq = Sequence(request_id, prompt_ids, params, i, gen, req.arrival_time)
@@ -142,7 +154,7 @@ class LLMEngine:
         return request_id
 
     def _add_seq(self, req: Request, seq: Sequence) -> None:
-        wants_text = self.tokenizer is not None and (self.config.stream_text or req.params.stop)
+        wants_text = self.tokenizer is not None and (req.stream or req.params.stop)
         req.seqs.append(seq)
         req.streams.append(TextStream(self.tokenizer, req.params.stop) if wants_text else None)
         req.unsent_text.append("")

@@ -156,14 +156,15 @@ def apply_penalties(logits: torch.Tensor, row: SampleInput) -> torch.Tensor:
 
 def _filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Top-k, top-p then min-p on (S, V) logits already divided by the temperature."""
-    V = logits.shape[-1]
-    ks = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=logits.device)
-    if bool((ks < V).any()):
-        top = torch.topk(logits, int(ks.max()), dim=-1).values
-        kth = top.gather(1, (ks - 1)[:, None])
+    # Which filters run is decided on the host: no device sync on accelerators.
+    V, device = logits.shape[-1], logits.device
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    if min(ks) < V:
+        top = torch.topk(logits, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-    if bool((top_p < 1).any()):
+    if any(p.top_p < 1 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Same rule as filter_top_k_top_p: drop a token once those before it reach top_p.
@@ -171,8 +172,8 @@ def _filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    min_p = torch.tensor([p.min_p for p in params], device=logits.device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
         probs = logits.softmax(-1)
         cut = probs.max(-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < cut, float("-inf"))

@@ -113,6 +113,7 @@ class Request:
         self.unsent_text: list[str] = []  # per sample: text not yet in a delta
         self.sent_tokens: list[int] = []  # per sample: output tokens already in a delta
         self.error: str | None = None
+        self.stream = False  # detokenize every step (deltas carry text)
         self.arrival_time = time.perf_counter()
 
     @property

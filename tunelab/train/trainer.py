@@ -9,6 +9,7 @@ resumes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -228,7 +229,12 @@ class Trainer:
         if self.cfg.method in ("lora", "qlora"):
             from tunelab.models.peft_io import write_adapter
 
-            write_adapter(self.model, self.cfg.lora, directory, self.cfg.model)
+            lora = self.cfg.lora
+            if self.cfg.method == "qlora":  # merge must rebuild the same NF4-rounded base
+                base = str(self.precision.base_dtype).removeprefix("torch.")
+                marker = {"tunelab": {"method": "qlora", "base_dtype": base}}
+                lora = dataclasses.replace(lora, extra={**lora.extra, **marker})
+            write_adapter(self.model, lora, directory, self.cfg.model)
         self.tokenizer.save_pretrained(str(directory))  # the template travels with the weights
 
     def _load_weights(self, directory: Path) -> None:
