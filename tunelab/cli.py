@@ -92,6 +92,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serve.commands import run_serve
+
+    return run_serve(args)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tunelab.serve.commands import run_deploy
+
+    return run_deploy(args)
+
+
 def sampling_params(args: argparse.Namespace):
     from tunelab.engine.sampler import SamplingParams
 
@@ -164,6 +176,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "fine-tune (full / freeze / LoRA / QLoRA) from a YAML config"),
     "merge": (cmd_merge, "merge a LoRA adapter into its base, verified, as an HF directory"),
     "export": (cmd_export, "export a model or adapter as HF, PEFT or GGUF (llama.cpp/Ollama)"),
+    "serve": (cmd_serve, "OpenAI-compatible HTTP server (or start vLLM / SGLang / LMDeploy)"),
+    "deploy": (cmd_deploy, "write a Dockerfile and Kubernetes / KServe manifests for serving"),
 }
 
 
@@ -284,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_merge_flags(parsers["merge"])
     add_export_flags(parsers["export"])
+    from tunelab.serve.commands import add_deploy_flags, add_serve_flags
+
+    add_serve_flags(parsers["serve"])
+    add_deploy_flags(parsers["deploy"])
     return parser
 
 

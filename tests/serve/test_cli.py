@@ -1,0 +1,64 @@
+"""``tunelab serve`` flags, backend delegation and ``tunelab deploy k8s``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+import yaml
+
+from tunelab.cli import main
+from tunelab.errors import TunelabError
+from tunelab.serve.commands import backend_command, parse_adapters
+from tunelab.serve.k8s import write_k8s
+
+
+def test_adapter_refused_with_tunelab_backend(capsys):
+    assert main(["serve", "--model", "default", "--adapter", "a=/x"]) == 2
+    assert "multi-LoRA serving is not available yet" in capsys.readouterr().err
+
+
+def test_adapter_syntax():
+    assert parse_adapters(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
+    with pytest.raises(TunelabError, match="NAME=PATH"):
+        parse_adapters(["nope"])
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(host="127.0.0.1", port=9000, api_key="k", dtype="bf16", max_num_seqs=8,
+                device=None)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang", "lmdeploy"])
+def test_backend_command_or_clear_error(backend, monkeypatch):
+    if importlib.util.find_spec(backend) is None:
+        with pytest.raises(TunelabError, match=f"pip install {backend}"):
+            backend_command(backend, "/m", _args(), "name", {})
+        monkeypatch.setattr(importlib.util, "find_spec", lambda _: object())
+    cmd = backend_command(backend, "/m", _args(), "name", {"a": "/ad"})
+    assert "/m" in cmd and "9000" in cmd and "name" in cmd and "bfloat16" in cmd
+    assert any("a=/ad" in c for c in cmd)
+
+
+def test_deploy_k8s(tmp_path, capsys):
+    out = tmp_path / "k8s"
+    assert main(["deploy", "k8s", "--model", "/models/My_Model", "--out", str(out),
+                 "--port", "8080"]) == 0  # fmt: skip
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "8080" in dockerfile and "/models/my-model" in dockerfile
+    deployment, service = yaml.safe_load_all((out / "deployment.yaml").read_text())
+    assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == 8080
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": 8080}
+    assert service["spec"]["ports"][0]["port"] == 8080
+    (isvc,) = yaml.safe_load_all((out / "inferenceservice.yaml").read_text())
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    pred = isvc["spec"]["predictor"]["containers"][0]
+    assert pred["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "my-model" in pred["args"]
+    with pytest.raises(TunelabError, match="--overwrite"):
+        write_k8s("/models/My_Model", out)

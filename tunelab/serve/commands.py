@@ -1,0 +1,182 @@
+"""``tunelab serve`` and ``tunelab deploy``: flags and the functions behind them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+BACKENDS = ("tunelab", "vllm", "sglang", "lmdeploy")
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model spec (default: %(default)s)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter under NAME (repeatable; vllm/sglang/lmdeploy backends)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for a free slot before new ones get 429 (default: 256)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once")
+    p.add_argument("--max-cache-tokens", type=int, default=None, help="KV-cache size cap")
+    p.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: --model)"
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:N, npu, npu:N, mps or cpu")
+    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--backend", default="tunelab", choices=BACKENDS, help="server (default: %(default)s)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before aborting them (default: 30)",
+    )
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TunelabError(f"--adapter takes NAME=PATH, got {item!r}.")
+        out[name] = path
+    return out
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    adapters = parse_adapters(args.adapter)
+    name = args.served_model_name or str(args.model)
+    if args.backend != "tunelab":
+        from tunelab.hub import resolve_model
+
+        cmd = backend_command(args.backend, str(resolve_model(args.model)), args, name, adapters)
+        log.info("starting %s: %s", args.backend, " ".join(cmd))
+        os.execvp(cmd[0], cmd)  # signals (SIGTERM) go straight to the backend's server
+    if adapters:
+        raise TunelabError(
+            "multi-LoRA serving is not available yet in the tunelab engine: merge the adapter "
+            "(`tunelab merge`) and serve the merged directory, or serve it with "
+            "--backend vllm|sglang|lmdeploy."
+        )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise TunelabError(
+            "serving needs FastAPI and uvicorn: pip install 'tunelab[serve]' "
+            "(or pip install fastapi uvicorn)."
+        ) from None
+
+    from tunelab.engine.async_engine import AsyncEngine
+    from tunelab.engine.llm_engine import EngineConfig
+    from tunelab.serve.app import create_app
+
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_cache_tokens=args.max_cache_tokens)
+    engine = AsyncEngine.from_pretrained(args.model, args.device, args.dtype, config)
+    app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
+    log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0
+
+
+def _dtype(dtype: str | None) -> str | None:
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype or "", dtype)
+
+
+def backend_command(
+    backend: str, model_dir: str, args: argparse.Namespace, name: str, adapters: dict[str, str]
+) -> list[str]:
+    """The command line that starts ``backend``'s OpenAI server with our flags' equivalents."""
+    module = {"vllm": "vllm", "sglang": "sglang", "lmdeploy": "lmdeploy"}[backend]
+    if importlib.util.find_spec(module) is None and shutil.which(module) is None:
+        raise TunelabError(
+            f"--backend {backend} needs {module}, which is not installed here: "
+            f"`pip install {module}` (on a GPU machine), or use --backend tunelab."
+        )
+    dtype = _dtype(args.dtype)
+    py = sys.executable
+    if backend == "vllm":
+        cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+        cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
+        cmd += ["--api-key", args.api_key] if args.api_key else []
+        cmd += ["--dtype", dtype] if dtype and dtype != "auto" else []
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
+        if adapters:
+            cmd += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
+    elif backend == "sglang":
+        cmd = [py, "-m", "sglang.launch_server", "--model-path", model_dir]
+        cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
+        cmd += ["--api-key", args.api_key] if args.api_key else []
+        cmd += ["--dtype", dtype] if dtype and dtype != "auto" else []
+        cmd += ["--max-running-requests", str(args.max_num_seqs)] if args.max_num_seqs else []
+        if adapters:
+            cmd += ["--lora-paths", *(f"{k}={v}" for k, v in adapters.items())]
+    else:
+        cmd = ["lmdeploy", "serve", "api_server", model_dir]
+        cmd += ["--server-name", args.host, "--server-port", str(args.port)]
+        cmd += ["--model-name", name]
+        cmd += ["--api-keys", args.api_key] if args.api_key else []
+        cmd += ["--dtype", dtype] if dtype and dtype != "auto" else []
+        cmd += ["--max-batch-size", str(args.max_num_seqs)] if args.max_num_seqs else []
+        if adapters:
+            cmd += ["--adapters", *(f"{k}={v}" for k, v in adapters.items())]
+    if args.device and not args.device.startswith(("cuda", "npu")):
+        raise TunelabError(f"--backend {backend} runs on GPUs/NPUs, not --device {args.device}.")
+    return cmd
+
+
+def add_deploy_flags(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="deploy_target", metavar="TARGET")
+    sub.required = True
+    k = sub.add_parser("k8s", help="Dockerfile + Deployment/Service + KServe InferenceService")
+    k.add_argument("--model", required=True, help="model spec or directory to serve")
+    k.add_argument("--out", required=True, help="output directory")
+    k.add_argument("--name", default=None, help="resource name (default: from the model)")
+    k.add_argument("--port", type=int, default=8000)
+    k.add_argument("--image", default=None, help="image tag (default: tunelab-serve-NAME:latest)")
+    k.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per pod (default: 0)")
+    k.add_argument("--served-model-name", default=None)
+    k.add_argument("--overwrite", action="store_true", help="replace files in --out")
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from tunelab.serve.k8s import write_k8s
+
+    for path in write_k8s(
+        args.model,
+        Path(args.out),
+        name=args.name,
+        port=args.port,
+        image=args.image,
+        gpus=args.gpus,
+        served_model_name=args.served_model_name,
+        overwrite=args.overwrite,
+    ):
+        print(path)
+    return 0
