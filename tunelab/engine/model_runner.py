@@ -43,8 +43,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        # Single-token entries first: the backend serves them as one batched decode.
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] != 1)
+        # Single-token entries first, shortest context first: the backend batches them in
+        # groups of similar length.
+        def rank(i: int) -> tuple[bool, int]:
+            single = batch.num_tokens[i] == 1
+            return (not single, batch.seqs[i].num_computed_tokens if single else 0)
+
+        order = sorted(range(len(batch.seqs)), key=rank)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
         ids, positions, slots = [], [], []

@@ -13,6 +13,7 @@ kernels) will plug in behind the same interface.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,7 +36,7 @@ class StepMetadata:
     Entry ``i`` has ``query_lens[i]`` tokens starting at ``query_starts[i]`` in the flat batch;
     after this step its sequence has ``context_lens[i]`` tokens in the cache, so its queries
     sit at positions ``[context_lens[i] - query_lens[i], context_lens[i])``. The first
-    ``num_decodes`` entries have one query each.
+    ``num_decodes`` entries have one query each, shortest context first.
     """
 
     query_lens: list[int]
@@ -51,6 +52,26 @@ class StepMetadata:
             starts.append(total)
             total += n
         self.query_starts = starts
+
+
+def decode_groups(lens: list[int], max_groups: int = 4, min_size: int = 8) -> list[range]:
+    """Split decodes (sorted by context length) into groups padded to their own longest.
+
+    Padding every decode to the longest context wastes most of the gathered keys when
+    lengths vary; a few groups of similar lengths cost a few more calls and read far less.
+    """
+    n = len(lens)
+    if n == 0:
+        return []
+    k = max(1, min(max_groups, n // min_size))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    groups: list[range] = []
+    for a, b in itertools.pairwise(bounds):
+        if groups and lens[b - 1] <= 1.25 * lens[groups[-1].stop - 1]:  # hardly longer: merge
+            groups[-1] = range(groups[-1].start, b)
+        else:
+            groups.append(range(a, b))
+    return groups
 
 
 class PagedAttentionBackend(Protocol):
@@ -91,6 +112,7 @@ class SdpaPagedAttention:
     def __init__(self, cache: PagedKVCache, meta: StepMetadata):
         self.cache, self.meta = cache, meta
         self._masks: dict[tuple[int, int | None], AttnMask] = {}
+        self._groups = decode_groups(meta.context_lens[: meta.num_decodes])
 
     def attend(self, layer, window, q, k, v):
         # q: (1, H, T, D); k, v: (1, Hkv, T, D) after RoPE
@@ -100,38 +122,39 @@ class SdpaPagedAttention:
         vc.view(-1, n_kv, D).index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1))
         pieces = []
         nd = meta.num_decodes
-        if nd:
-            pieces.append(self._decodes(window, q[:, :, :nd], kc, vc))
+        for group in self._groups:
+            pieces.append(self._decodes(group, window, q[:, :, group.start : group.stop], kc, vc))
         for i in range(nd, len(meta.query_lens)):
             pieces.append(self._prefill(i, window, q, k, v, kc, vc))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
-    def _gather(self, cache: torch.Tensor, rows: slice | int, num_keys: int) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, rows: range | int, num_keys: int) -> torch.Tensor:
         """Keys (or values) of the first ``num_keys`` positions: (N, Hkv, num_keys, D)."""
         bs = cache.shape[1]
+        rows = slice(rows.start, rows.stop) if isinstance(rows, range) else rows
         tables = self.meta.block_tables[rows, : -(-num_keys // bs)]
         tables = tables.reshape(-1, tables.shape[-1])  # (N, blocks)
         pages = cache.index_select(0, tables.reshape(-1))  # (N * blocks, bs, Hkv, D)
         pages = pages.view(tables.shape[0], -1, *cache.shape[2:])[:, :num_keys]
         return pages.transpose(1, 2)
 
-    def _decodes(self, window, q, kc, vc):
-        """All single-token queries at once, keys padded to the longest context."""
-        nd, lens = self.meta.num_decodes, self.meta.context_lens[: self.meta.num_decodes]
+    def _decodes(self, group: range, window, q, kc, vc):
+        """A group of single-token queries at once, keys padded to its longest context."""
+        nd, lens = len(group), self.meta.context_lens[group.start : group.stop]
         H, D, n_kv = q.shape[1], q.shape[3], kc.shape[2]
         num_keys = max(lens)
-        keys = self._gather(kc, slice(0, nd), num_keys)
-        values = self._gather(vc, slice(0, nd), num_keys)
+        keys = self._gather(kc, group, num_keys)
+        values = self._gather(vc, group, num_keys)
         # Query heads of one kv head become that head's "query rows": no kv expansion needed.
         qg = q[0].transpose(0, 1).reshape(nd, n_kv, H // n_kv, D)
-        mask = self._decode_mask(window, num_keys, q.device)
+        mask = self._decode_mask(group, window, num_keys, q.device)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.reshape(nd, H, D).transpose(0, 1)[None]  # (1, H, nd, D)
 
-    def _decode_mask(self, window: int | None, num_keys: int, device) -> AttnMask:
-        key = (-1, window)
+    def _decode_mask(self, group: range, window: int | None, num_keys: int, device) -> AttnMask:
+        key = (-1 - group.start, window)  # negative: prefill entries use their index >= 0
         if key not in self._masks:
-            lens = self.meta.context_lens[: self.meta.num_decodes]
+            lens = self.meta.context_lens[group.start : group.stop]
             ctx = torch.tensor(lens, device=device)[:, None]  # (nd, 1)
             j = torch.arange(num_keys, device=device)[None, :]
             allowed = j < ctx

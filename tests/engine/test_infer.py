@@ -1,0 +1,62 @@
+"""``run_infer``: JSONL in, JSONL out, resumable after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.engine.infer import read_records, run_infer
+from tunelab.engine.llm_engine import EngineConfig
+from tunelab.engine.sampler import SamplingParams
+from tunelab.errors import TunelabError
+
+PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_infer_writes_every_record_and_resumes(make_tiny_model, tmp_path):
+    model = str(make_tiny_model("llama"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    records = [
+        {"id": 1, "prompt": "hello world"},
+        {"id": "b", "messages": [{"role": "user", "content": "The capital of France"}]},
+        {"id": "c", "prompt": "tiny tokenizer"},
+    ]
+    write_jsonl(src, records)
+    kwargs = dict(device="cpu", dtype="fp32", show_progress=False)
+    cfg = EngineConfig(max_num_batched_tokens=16)
+    assert run_infer(model, src, out, PARAMS, engine_config=cfg, **kwargs) == 3
+    full = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(full) == {"1", "b", "c"}
+    assert all(
+        r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in full.values()
+    )
+
+    # An interrupted run: one result written, the next torn mid-line.
+    first = json.dumps(full["b"]) + "\n"
+    out.write_text(first + json.dumps(full["c"])[:20])
+    assert run_infer(model, src, out, PARAMS, **kwargs) == 2  # redoes "1" and the torn "c"
+    again = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert again == full
+    assert run_infer(model, src, out, PARAMS, **kwargs) == 0
+
+
+def test_infer_rejects_adapters_and_bad_lines(make_tiny_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": 1, "prompt": "x"}])
+    with pytest.raises(TunelabError, match="LoRA adapters"):
+        run_infer("default", src, tmp_path / "o.jsonl", PARAMS, adapter="some/adapter")
+    for bad, message in [
+        ({"prompt": "x"}, 'needs an "id"'),
+        ({"id": 1, "prompt": "x", "messages": []}, "exactly one of"),
+    ]:
+        write_jsonl(src, [bad])
+        with pytest.raises(TunelabError, match=message):
+            read_records(src)
+    write_jsonl(src, [{"id": 1, "prompt": "x"}, {"id": "1", "prompt": "y"}])
+    with pytest.raises(TunelabError, match="appears twice"):
+        read_records(src)
