@@ -104,6 +104,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return run_deploy(args)
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from tunelab.engine.infer import run_infer
+
+    params = sampling_params(args)  # checked before the model loads
+    run_infer(
+        args.model,
+        args.input,
+        args.output,
+        params,
+        device=args.device,
+        dtype=args.dtype,
+        adapter=args.adapter,
+        raw=args.raw,
+        system=args.system,
+    )
+    return 0
+
+
 def sampling_params(args: argparse.Namespace):
     from tunelab.engine.sampler import SamplingParams
 
@@ -172,6 +190,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "convert": (cmd_convert, "convert a model (GGUF or any spec) to an HF-format directory"),
     "generate": (cmd_generate, "complete one prompt and print the answer"),
     "chat": (cmd_chat, "interactive chat with streamed answers"),
+    "infer": (cmd_infer, "batch inference over a JSONL file on the paged engine (resumable)"),
     "data": (cmd_data, "prepare (tokenize + cache) or show training data from a config file"),
     "train": (cmd_train, "fine-tune (full / freeze / LoRA / QLoRA) from a YAML config"),
     "merge": (cmd_merge, "merge a LoRA adapter into its base, verified, as an HF directory"),
@@ -245,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the prompt as plain text instead of one chat-templated user message",
     )
+    _add_sampling_flags(p)
+
+    p = parsers["infer"]
+    _add_model_flags(p)
+    p.add_argument("--input", required=True, help='JSONL of {"id", "prompt"} or {"id", "messages"}')
+    p.add_argument("--output", required=True, help="JSONL results (ids already there are skipped)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format)")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, no template")
     _add_sampling_flags(p)
 
     p = parsers["chat"]

@@ -60,3 +60,15 @@ def test_infer_rejects_adapters_and_bad_lines(make_tiny_model, tmp_path):
     write_jsonl(src, [{"id": 1, "prompt": "x"}, {"id": "1", "prompt": "y"}])
     with pytest.raises(TunelabError, match="appears twice"):
         read_records(src)
+
+
+def test_infer_verb_through_the_cli(make_tiny_model, tmp_path):
+    from tunelab.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "x", "prompt": "hello"}\n')
+    out = tmp_path / "out.jsonl"
+    argv = ["infer", "--model", str(make_tiny_model("llama")), "--device", "cpu"]
+    argv += ["--input", str(src), "--output", str(out), "--temperature", "0", "--max-tokens", "3"]
+    assert main(argv) == 0
+    assert '"id": "x"' in out.read_text()
