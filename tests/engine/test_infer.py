@@ -45,11 +45,12 @@ def test_infer_writes_every_record_and_resumes(make_tiny_model, tmp_path):
     assert run_infer(model, src, out, PARAMS, **kwargs) == 0
 
 
-def test_infer_rejects_adapters_and_bad_lines(make_tiny_model, tmp_path):
+def test_infer_rejects_bad_adapters_and_bad_lines(make_tiny_model, tmp_path):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"id": 1, "prompt": "x"}])
-    with pytest.raises(TunelabError, match="LoRA adapters"):
-        run_infer("default", src, tmp_path / "o.jsonl", PARAMS, adapter="some/adapter")
+    model = str(make_tiny_model("llama"))
+    with pytest.raises(TunelabError, match=r"adapter 'adapter' \(some/adapter\).*not a PEFT"):
+        run_infer(model, src, tmp_path / "o.jsonl", PARAMS, "cpu", adapter="some/adapter")
     for bad, message in [
         ({"prompt": "x"}, 'needs an "id"'),
         ({"id": 1, "prompt": "x", "messages": []}, "exactly one of"),

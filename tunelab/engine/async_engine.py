@@ -13,17 +13,20 @@ engine's state is only ever touched by it; deltas travel back to each request's
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tunelab.engine.llm_engine import EngineConfig, LLMEngine
+from tunelab.engine.lora import LoadedAdapter
 from tunelab.engine.outputs import StreamDelta
 from tunelab.engine.prompts import Prompt
 from tunelab.engine.sampler import SamplingParams
@@ -39,11 +42,20 @@ class _Add:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     deltas: asyncio.Queue
+    lora: str | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` in the engine thread, between steps (adapter loading)."""
+
+    fn: Callable[[LLMEngine], Any]
+    result: concurrent.futures.Future
 
 
 class AsyncEngine:
@@ -52,7 +64,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         engine.config.stream_text = True  # every delta carries its text
         self.engine = engine
-        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, _Add] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -101,11 +113,13 @@ class AsyncEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Queue a prompt now; iterate the result for its deltas (the last has finished=True).
 
-        Call it from a coroutine (it binds to the running event loop). A request that cannot
-        run yields one delta with finish_reason "error" and the message in ``error``.
+        Call it from a coroutine (it binds to the running event loop). ``lora`` names a loaded
+        adapter (None: the base model). A request that cannot run (an unknown adapter too)
+        yields one delta with finish_reason "error" and the message in ``error``.
         """
         if self._error is not None:
             raise TunelabError(f"the engine loop stopped after an error: {self._error}")
@@ -116,10 +130,27 @@ class AsyncEngine:
             params or SamplingParams(),
             asyncio.get_running_loop(),
             asyncio.Queue(),
+            lora,
         )
         self.start()
         self._commands.put(add)
         return self._iterate(add)
+
+    async def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Load a PEFT LoRA adapter as ``name`` between two steps; raises if it is bad."""
+        return await self._call(lambda engine: engine.load_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (refused while an unfinished request uses it)."""
+        await self._call(lambda engine: engine.unload_adapter(name))
+
+    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        if self._error is not None:
+            raise TunelabError(f"the engine loop stopped after an error: {self._error}")
+        call = _Call(fn, concurrent.futures.Future())
+        self.start()
+        self._commands.put(call)
+        return await asyncio.wrap_future(call.result)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason "abort" and its blocks are freed."""
@@ -167,9 +198,22 @@ class AsyncEngine:
             for add in self._streams.values():
                 add.loop.call_soon_threadsafe(add.deltas.put_nowait, e)
             self._streams.clear()
+            while True:  # nobody will run the queued calls: fail them rather than hang
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, _Call):
+                    command.result.set_exception(TunelabError(f"the engine loop failed: {e}"))
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
         engine = self.engine
+        if isinstance(command, _Call):
+            try:
+                command.result.set_result(command.fn(engine))
+            except Exception as e:  # a bad adapter: the caller gets the error, the loop goes on
+                command.result.set_exception(e)
+            return
         if isinstance(command, _Abort):
             if command.request_id in self._streams:
                 for delta in engine.abort(command.request_id):
@@ -181,7 +225,7 @@ class AsyncEngine:
             command.loop.call_soon_threadsafe(command.deltas.put_nowait, delta)
             return
         self._streams[command.request_id] = command
-        engine.add_request(command.prompt, command.params, command.request_id)
+        engine.add_request(command.prompt, command.params, command.request_id, lora=command.lora)
 
     def _deliver(self, delta: StreamDelta) -> None:
         add = self._streams.get(delta.request_id)

@@ -1,10 +1,10 @@
 """Paged KV-cache blocks: allocation, reference counts and prefix caching.
 
 A block holds the keys/values of ``block_size`` consecutive tokens of one sequence. Once a
-block is full and computed it is registered under a chained hash (its tokens plus the hash of
-the block before it), so a later sequence with the same prefix reuses it instead of computing
-it again. Freed blocks that are registered stay in the cache, evictable in LRU order, until
-their slot is needed for something else.
+block is full and computed it is registered under a chained hash (its tokens, the request's
+LoRA adapter and the hash of the block before it), so a later sequence with the same prefix
+and adapter reuses it instead of computing it again. Freed blocks that are registered stay
+in the cache, evictable in LRU order, until their slot is needed for something else.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections import OrderedDict, deque
 
 from tunelab.engine.sequence import Sequence
 
-BlockKey = tuple[int | None, tuple[int, ...]]  # (hash of the previous block, this block's ids)
+# (hash of the previous block, LoRA adapter id or None, this block's token ids): the same
+# tokens under another adapter have other keys/values, so they never share a block.
+BlockKey = tuple[int | None, int | None, tuple[int, ...]]
 
 
 class Block:
@@ -69,7 +71,7 @@ class BlockManager:
 
     def _key(self, seq: Sequence, i: int, prev: int | None) -> BlockKey:
         bs = self.block_size
-        return (prev, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+        return (prev, seq.lora_id, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
 
     # ---- prefix cache ----------------------------------------------------------------------
 

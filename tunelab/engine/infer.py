@@ -43,12 +43,10 @@ def run_infer(
     engine_config: EngineConfig | None = None,
     show_progress: bool = True,
 ) -> int:
-    """Complete every record of ``input_path`` not yet in ``output_path``; return how many."""
-    if adapter is not None:
-        raise TunelabError(
-            "the engine does not apply LoRA adapters per request yet: merge the adapter into "
-            "the base model and pass the merged model as --model."
-        )
+    """Complete every record of ``input_path`` not yet in ``output_path``; return how many.
+
+    ``adapter``: a PEFT LoRA adapter directory applied to every request (not merged).
+    """
     records = read_records(Path(input_path))
     done = finished_ids(Path(output_path))
     todo = [r for r in records if r["id"] not in done]
@@ -57,12 +55,16 @@ def run_infer(
     if not todo:
         return 0
     engine = LLMEngine.from_pretrained(model, device, dtype, engine_config)
+    lora = None
+    if adapter is not None:
+        lora = engine.load_adapter("adapter", adapter).name
     with open(output_path, "a", encoding="utf-8") as out, _progress(show_progress) as bar:
         task = bar.add_task("infer", total=len(records), completed=len(records) - len(todo))
         pending = iter(todo)
         in_flight = 0
         for record in pending:  # fill the engine, then refill as results come out
-            engine.add_request(_prompt(record, raw, system), params, request_id=record["id"])
+            prompt = _prompt(record, raw, system)
+            engine.add_request(prompt, params, request_id=record["id"], lora=lora)
             in_flight += 1
             if in_flight < MAX_IN_FLIGHT:
                 continue

@@ -1,8 +1,10 @@
 """The engine core: requests in, one scheduled step at a time, deltas and results out.
 
 ``LLM`` (offline) and ``AsyncEngine`` (streaming) are thin layers over ``LLMEngine``. A request
-that cannot run (prompt longer than the context, more cache than exists, a bad token id)
-fails alone with finish_reason "error" and a message; the others go on.
+that cannot run (prompt longer than the context, more cache than exists, a bad token id, an
+unknown LoRA adapter) fails alone with finish_reason "error" and a message; the others go on.
+Requests may name a loaded LoRA adapter; requests for different adapters and for the base
+model share the steps (see ``engine/lora.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from tunelab.engine.block_manager import BlockManager, blocks_for
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.kv_cache import PagedKVCache, activation_bytes, plan_num_blocks
+from tunelab.engine.lora import DEFAULT_MAX_LORA_RANK, LoadedAdapter, LoraRegistry
 from tunelab.engine.model_runner import ModelRunner
 from tunelab.engine.outputs import RequestOutput, StreamDelta, request_deltas, request_output
 from tunelab.engine.paged_attention import select_backend
@@ -44,6 +47,7 @@ class EngineConfig:
     memory_fraction: float = 0.9  # of the accelerator's memory the process may use in all
     attention_backend: str = "auto"  # "auto", "sdpa" or "triton"
     stream_text: bool = False  # detokenize every step (streaming) rather than at the end
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # largest LoRA adapter rank accepted
 
     def resolved(self, device: torch.device) -> EngineConfig:
         accel = device.type not in ("cpu", "mps")
@@ -94,6 +98,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, backend, self.eos_token_ids)
+        self.lora = LoraRegistry(model, cfg.max_lora_rank)
+        self.runner.lora = self.lora
         self.requests: dict[str, Request] = {}
         self._failed: list[StreamDelta] = []  # deltas of requests refused at add time
         self._ids = itertools.count()
@@ -117,6 +123,36 @@ class LLMEngine:
         eos = eos_ids_from(read_generation_config(Path(model_dir)))
         return cls(model, tokenizer, config, eos)
 
+    # ---- LoRA adapters ---------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Load the PEFT LoRA adapter at ``path``; requests then select it with ``lora=name``.
+
+        Call it between steps (``AsyncEngine.load_adapter`` does). A bad adapter raises a
+        TunelabError naming it and changes nothing.
+        """
+        return self.lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; refused while an unfinished request uses it."""
+        adapter = self.lora.get(name)
+        users = [
+            r.request_id
+            for r in self.requests.values()
+            if not r.finished and any(s.lora_id == adapter.uid for s in r.seqs)
+        ]
+        if users:
+            raise TunelabError(
+                f"adapter {name!r} is in use by {len(users)} unfinished request(s) "
+                f"({', '.join(users[:3])}); abort them or wait for them to finish."
+            )
+        self.lora.unload(name)
+
+    @property
+    def adapters(self) -> dict[str, LoadedAdapter]:
+        """The loaded LoRA adapters by name."""
+        return dict(self.lora.adapters)
+
     # ---- requests --------------------------------------------------------------------------
 
     def add_request(
@@ -125,11 +161,13 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         stream: bool = False,
+        lora: str | None = None,
     ) -> str:
         """Queue a prompt (text, chat messages or token ids); return its request id.
 
         ``stream`` detokenizes as tokens come so deltas carry text (always on with
-        ``config.stream_text``); otherwise the text is decoded once at the end.
+        ``config.stream_text``); otherwise the text is decoded once at the end. ``lora``
+        names a loaded adapter to run the request with (None: the base model).
         """
         params = params or SamplingParams()
         if request_id is None:
@@ -138,6 +176,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise TunelabError(f"request id {request_id!r} is already in use; pick another.")
         try:
+            adapter = self.lora.get(lora) if lora is not None else None
             prompt_ids = encode_prompt(self.tokenizer, prompt)
             self._check(prompt_ids, params)
         except TunelabError as e:
@@ -147,7 +186,7 @@ class LLMEngine:
         req.stream = stream or self.config.stream_text
         for i in range(params.n):
             gen = params.make_generator(self.device, offset=i)
-            seq = Sequence(request_id, prompt_ids, params, i, gen, req.arrival_time)
+            seq = Sequence(request_id, prompt_ids, params, i, gen, req.arrival_time, adapter)
             self._add_seq(req, seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req

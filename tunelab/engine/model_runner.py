@@ -7,11 +7,13 @@ that asked for prompt logprobs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from tunelab.engine.kv_cache import PagedKVCache
+from tunelab.engine.lora import LoraRegistry
 from tunelab.engine.paged_attention import PagedAttentionBackend, StepMetadata
 from tunelab.engine.sampler import Logprobs, SampleInput, sample_batch, token_logprobs
 from tunelab.engine.scheduler import ScheduledBatch
@@ -40,6 +42,7 @@ class ModelRunner:
         self.model, self.cache, self.backend = model.eval(), cache, backend
         self.eos_token_ids = set(eos_token_ids)
         self.device = model.device
+        self.lora: LoraRegistry | None = None  # set by LLMEngine: per-request LoRA adapters
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -68,11 +71,14 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             block_tables=self._block_tables(seqs),
         )
-        hidden = self.model.model(
-            self._tensor(ids)[None],
-            self._tensor(positions)[None],
-            attn=self.backend.context(self.cache, meta),
-        )[0]  # (T, hidden)
+        # Which rows use which LoRA adapter, for the duration of the forward pass.
+        lora = self.lora.step_for(seqs, counts, self.device) if self.lora else nullcontext()
+        with lora:
+            hidden = self.model.model(
+                self._tensor(ids)[None],
+                self._tensor(positions)[None],
+                attn=self.backend.context(self.cache, meta),
+            )[0]  # (T, hidden)
         result = StepResult()
         self._prompt_logprobs(seqs, counts, meta, hidden, result)
         self._sample(seqs, counts, meta, hidden, result)

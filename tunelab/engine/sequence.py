@@ -9,11 +9,15 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.sampler import Logprobs, SamplingParams
+
+if TYPE_CHECKING:
+    from tunelab.engine.lora import LoadedAdapter
 
 _ids = itertools.count()
 
@@ -40,6 +44,7 @@ class Sequence:
         index: int = 0,
         generator: torch.Generator | None = None,
         arrival_time: float | None = None,
+        adapter: LoadedAdapter | None = None,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id
@@ -48,6 +53,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.generator = generator
+        # LoRA adapter: its slot in the LoRA layers (-1: none) and its prefix-cache id
+        self.lora_slot = adapter.slot if adapter is not None else -1
+        self.lora_id = adapter.uid if adapter is not None else None
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # memo: chained hashes of full blocks of token_ids
