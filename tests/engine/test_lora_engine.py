@@ -1,9 +1,9 @@
 """Per-request LoRA adapters in the engine: parity with transformers + PEFT, mixed batches.
 
-Two different random adapters per model: "a1" written by peft itself (rank 4 on q/v/down,
-random A and B), "a2" written by our trainer's LoRA + ``save_adapter`` (rank 8, rsLoRA, every
-linear; rank 4 gets zero-padded to 8 in the stacked layers). Greedy outputs must be
-token-identical to ``PeftModel.generate`` (fp32, CPU) and base requests to HF's.
+Two different random adapters per model (``lora_helpers``): "a1" written by peft (rank 4),
+"a2" by our trainer's LoRA (rank 8, rsLoRA; so a1 is zero-padded to rank 8 in the stacked
+layers). Greedy outputs must be token-identical to ``PeftModel.generate`` (fp32, CPU) and
+base requests to HF's.
 """
 
 from __future__ import annotations
@@ -11,52 +11,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from tests.engine.conftest import prompts_of_lengths
+from tests.engine.lora_helpers import hf_model, write_adapters
 from tunelab.engine.async_engine import AsyncEngine
 from tunelab.engine.infer import run_infer
 from tunelab.engine.lora_layers import LoraStep
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
 from tunelab.models.loading import load_model
-from tunelab.models.lora import LoraConfig, apply_lora
-from tunelab.models.peft_io import save_adapter
 
 peft = pytest.importorskip("peft")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 LENGTHS = [3, 11, 17, 6]
-
-
-def _hf(path) -> transformers.PreTrainedModel:
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-
-
-def _write_adapters(path: Path, out: Path) -> dict[str, str]:
-    torch.manual_seed(7)
-    cfg = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False,  # random B too: the adapter changes the outputs
-        task_type="CAUSAL_LM",
-    )
-    peft.get_peft_model(_hf(path), cfg).save_pretrained(str(out / "a1"))
-    torch.manual_seed(8)
-    model = load_model(path, "cpu", torch.float32)
-    ours = LoraConfig(rank=8, alpha=4, use_rslora=True)
-    apply_lora(model, ours)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    save_adapter(model, ours, out / "a2", base_model_name_or_path=str(path))
-    return {"a1": str(out / "a1"), "a2": str(out / "a2")}
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +39,7 @@ def adapters(make_tiny_model, tmp_path_factory):
     def make(model_type: str = "llama") -> dict[str, str]:
         if model_type not in made:
             out = tmp_path_factory.mktemp(f"lora-{model_type}")
-            made[model_type] = _write_adapters(make_tiny_model(model_type), out)
+            made[model_type] = write_adapters(make_tiny_model(model_type), out)
         return made[model_type]
 
     return make
@@ -76,7 +47,7 @@ def adapters(make_tiny_model, tmp_path_factory):
 
 @functools.cache
 def _peft_model(path: str, adapter: str):
-    model = peft.PeftModel.from_pretrained(_hf(path), adapter).eval()
+    model = peft.PeftModel.from_pretrained(hf_model(path), adapter).eval()
     model.generation_config.eos_token_id = None
     return model
 
@@ -203,13 +174,15 @@ def test_bad_adapters_are_refused_with_their_name(tiny_llm, make_tiny_model, tmp
     llm = tiny_llm("llama")
     other = make_tiny_model("llama", hidden_size=32, intermediate_size=64)
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
-    peft.get_peft_model(_hf(other), cfg).save_pretrained(str(tmp_path / "small"))
+    peft.get_peft_model(hf_model(other), cfg).save_pretrained(str(tmp_path / "small"))
     with pytest.raises(TunelabError, match=r"adapter 'small' .*shape \(4, 32\).*\(4, 64\)"):
         llm.load_adapter("small", tmp_path / "small")
     with pytest.raises(TunelabError, match=r"adapter 'nothing' .*adapter_config\.json is missing"):
         llm.load_adapter("nothing", tmp_path)
     big = peft.LoraConfig(r=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
-    peft.get_peft_model(_hf(make_tiny_model("llama")), big).save_pretrained(str(tmp_path / "r8"))
+    peft.get_peft_model(hf_model(make_tiny_model("llama")), big).save_pretrained(
+        str(tmp_path / "r8")
+    )
     strict = tiny_llm("llama", max_lora_rank=4)
     with pytest.raises(TunelabError, match="rank 8, above this engine's max_lora_rank=4"):
         strict.load_adapter("r8", tmp_path / "r8")

@@ -14,15 +14,19 @@ from tunelab.serve.commands import backend_command, parse_adapters
 from tunelab.serve.k8s import write_k8s
 
 
-def test_adapter_refused_with_tunelab_backend(capsys):
+def test_bad_adapter_fails_before_the_model_loads(capsys):
     assert main(["serve", "--model", "default", "--adapter", "a=/x"]) == 2
-    assert "multi-LoRA serving is not available yet" in capsys.readouterr().err
+    assert "--adapter a=/x: /x is not a PEFT adapter" in capsys.readouterr().err
 
 
 def test_adapter_syntax():
     assert parse_adapters(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
     with pytest.raises(TunelabError, match="NAME=PATH"):
         parse_adapters(["nope"])
+    with pytest.raises(TunelabError, match="given twice"):
+        parse_adapters(["a=/x", "a=/y"])
+    with pytest.raises(TunelabError, match="the base model's name"):
+        parse_adapters(["tiny=/x"], served_model_name="tiny")
 
 
 def _args(**kw) -> argparse.Namespace:

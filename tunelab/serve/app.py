@@ -43,15 +43,25 @@ class ServerState:
     admission: Admission
     metrics: ServerMetrics
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.served_model_name:
-            raise APIError(
-                404,
-                f"the model '{name}' does not exist on this server; it serves "
-                f"'{self.served_model_name}' (see GET /v1/models).",
-                "model",
-                "model_not_found",
-            )
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters loaded in the engine (each served as a model of its own)."""
+        return list(self.engine.engine.adapters)
+
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` selects: None for the base model."""
+        if name is None or name == self.served_model_name:
+            return None
+        adapters = self.adapter_names()
+        if name in adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in [self.served_model_name, *adapters])
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist on this server; it serves {served} "
+            "(see GET /v1/models).",
+            "model",
+            "model_not_found",
+        )
 
 
 def create_app(
@@ -61,6 +71,9 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """An app serving ``engine`` (an ``AsyncEngine``) as ``served_model_name``.
+
+    Every LoRA adapter loaded in the engine is served too, under its own name (a request's
+    ``model`` picks it); requests for the base and for adapters share the engine's steps.
 
     ``api_key``: required as ``Authorization: Bearer KEY`` on /v1/*, /tokenize and
     /detokenize (health, version and metrics stay open for probes and scrapers).
@@ -114,18 +127,26 @@ def create_app(
 
     @app.get("/v1/models", dependencies=protected)
     async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, root=served_model_name, max_model_len=llm.context)
-        return ModelList(data=[card])
+        cards = [ModelCard(id=served_model_name, root=served_model_name, max_model_len=llm.context)]
+        for adapter in llm.adapters.values():  # as vLLM: root is the adapter's path
+            cards.append(
+                ModelCard(
+                    id=adapter.name,
+                    root=adapter.path,
+                    parent=served_model_name,
+                    max_model_len=llm.context,
+                )
+            )
+        return ModelList(data=cards)
 
     @app.post("/v1/completions", dependencies=protected)
     async def completions(req: CompletionRequest, request: Request):
-        state.check_model(req.model)
-        return await create_completion(state, req, request)
+        return await create_completion(state, req, request, state.check_model(req.model))
 
     @app.post("/v1/chat/completions", dependencies=protected)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        state.check_model(req.model)
-        return await create_chat_completion(state, req, request)
+        lora = state.check_model(req.model)
+        return await create_chat_completion(state, req, request, lora)
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:

@@ -24,7 +24,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="serve a LoRA adapter under NAME (repeatable; vllm/sglang/lmdeploy backends)",
+        help="also serve the PEFT LoRA adapter at PATH as model NAME (repeatable)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest LoRA adapter rank accepted (default: 64; also passed to vllm)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -53,31 +59,45 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_adapters(items: list[str]) -> dict[str, str]:
-    out = {}
+def parse_adapters(items: list[str], served_model_name: str | None = None) -> dict[str, str]:
+    """``["NAME=PATH", ...]`` -> ``{NAME: PATH}``; names must be distinct from the base's."""
+    out: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise TunelabError(f"--adapter takes NAME=PATH, got {item!r}.")
+        if name in out:
+            raise TunelabError(f"--adapter {name} is given twice; each name serves one adapter.")
+        if name == served_model_name:
+            raise TunelabError(
+                f"--adapter {name} has the base model's name; give the adapter another name "
+                "(or the base another --served-model-name)."
+            )
         out[name] = path
     return out
 
 
+def check_adapters(adapters: dict[str, str]) -> None:
+    """Fail fast on an --adapter whose directory is not a usable PEFT LoRA adapter."""
+    from tunelab.models.peft_io import read_adapter_config
+
+    for name, path in adapters.items():
+        try:
+            read_adapter_config(path)
+        except TunelabError as e:
+            raise TunelabError(f"--adapter {name}={path}: {e}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    adapters = parse_adapters(args.adapter)
     name = args.served_model_name or str(args.model)
+    adapters = parse_adapters(args.adapter, name)
+    check_adapters(adapters)  # before the (slow) model load
     if args.backend != "tunelab":
         from tunelab.hub import resolve_model
 
         cmd = backend_command(args.backend, str(resolve_model(args.model)), args, name, adapters)
         log.info("starting %s: %s", args.backend, " ".join(cmd))
         os.execvp(cmd[0], cmd)  # signals (SIGTERM) go straight to the backend's server
-    if adapters:
-        raise TunelabError(
-            "multi-LoRA serving is not available yet in the tunelab engine: merge the adapter "
-            "(`tunelab merge`) and serve the merged directory, or serve it with "
-            "--backend vllm|sglang|lmdeploy."
-        )
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -92,9 +112,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from tunelab.serve.app import create_app
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_cache_tokens=args.max_cache_tokens)
+    if args.max_lora_rank is not None:
+        config.max_lora_rank = args.max_lora_rank
     engine = AsyncEngine.from_pretrained(args.model, args.device, args.dtype, config)
+    for adapter, path in adapters.items():  # before the engine loop starts: no step runs
+        engine.engine.load_adapter(adapter, path)
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
+    for adapter, path in adapters.items():
+        log.info("serving LoRA adapter %s as %r", path, adapter)
     uvicorn.run(
         app,
         host=args.host,
@@ -129,6 +155,8 @@ def backend_command(
         cmd += ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
+            rank = getattr(args, "max_lora_rank", None)
+            cmd += ["--max-lora-rank", str(rank)] if rank else []
     elif backend == "sglang":
         cmd = [py, "-m", "sglang.launch_server", "--model-path", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]

@@ -103,7 +103,10 @@ async def _stream(state: Any, n: int, events: Callable[[], AsyncIterator[str]]):
 # ---- completions ----------------------------------------------------------------------------
 
 
-async def create_completion(state: Any, req: CompletionRequest, request: Request):
+async def create_completion(
+    state: Any, req: CompletionRequest, request: Request, lora: str | None = None
+):
+    """``lora``: the adapter the request's model names (None: the base model)."""
     llm = state.engine.engine
     tok = llm.tokenizer
     prompts = completion_prompts(llm, req.prompt)
@@ -123,7 +126,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
 
     async with state.admission.slot(len(prompts) * req.n) as waited:
         state.metrics.queue_time.observe(waited)
-        run = Run(state.engine, state.metrics, prompts, params)
+        run = Run(state.engine, state.metrics, prompts, params, lora)
         if not req.stream:
             await _collect(run, request)
             choices = []
@@ -136,7 +139,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
             return JSONResponse(body(choices, usage=run.usage()))
 
     async def events() -> AsyncIterator[str]:
-        run = Run(state.engine, state.metrics, prompts, params)
+        run = Run(state.engine, state.metrics, prompts, params, lora)
         sent = [0] * len(run.choices)  # text offsets, for logprobs
         try:
             async for choice, delta in run.deltas():
@@ -165,7 +168,10 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
 # ---- chat completions -----------------------------------------------------------------------
 
 
-async def create_chat_completion(state: Any, req: ChatCompletionRequest, request: Request):
+async def create_chat_completion(
+    state: Any, req: ChatCompletionRequest, request: Request, lora: str | None = None
+):
+    """``lora``: the adapter the request's model names (None: the base model)."""
     llm = state.engine.engine
     tok = llm.tokenizer
     prompt = chat_prompt(llm, message_dicts(req.messages))
@@ -186,7 +192,7 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, request
     if not req.stream:
         async with state.admission.slot(req.n) as waited:
             state.metrics.queue_time.observe(waited)
-            run = Run(state.engine, state.metrics, [prompt], params)
+            run = Run(state.engine, state.metrics, [prompt], params, lora)
             await _collect(run, request)
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -197,7 +203,7 @@ async def create_chat_completion(state: Any, req: ChatCompletionRequest, request
         return JSONResponse(body("chat.completion", choices, usage=run.usage()))
 
     async def events() -> AsyncIterator[str]:
-        run = Run(state.engine, state.metrics, [prompt], params)
+        run = Run(state.engine, state.metrics, [prompt], params, lora)
         try:
             for c in run.choices:
                 first = {"index": c.index, "delta": {"role": "assistant", "content": ""},

@@ -33,7 +33,9 @@ class Choice:
 
 
 class Run:
-    """One API request: ``len(prompts) * n`` choices; choice index = prompt * n + sample."""
+    """One API request: ``len(prompts) * n`` choices; choice index = prompt * n + sample.
+
+    ``lora``: the LoRA adapter every prompt runs with (None: the base model)."""
 
     def __init__(
         self,
@@ -41,9 +43,10 @@ class Run:
         metrics: ServerMetrics,
         prompts: list[list[int]],
         params: SamplingParams,
+        lora: str | None = None,
     ):
         self.engine, self.metrics = engine, metrics
-        self.prompts, self.params = prompts, params
+        self.prompts, self.params, self.lora = prompts, params, lora
         self.n = params.n
         self.choices = [Choice(i) for i in range(len(prompts) * params.n)]
         self.request_ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))]
@@ -70,7 +73,9 @@ class Run:
 
         async def pump(i: int) -> None:
             try:
-                stream = self.engine.add_request(self.prompts[i], self.params, self.request_ids[i])
+                stream = self.engine.add_request(
+                    self.prompts[i], self.params, self.request_ids[i], lora=self.lora
+                )
                 async for delta in stream:
                     await queue.put((i, delta))
             except BaseException as e:
