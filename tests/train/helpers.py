@@ -118,3 +118,45 @@ def model_available_offline(spec: str) -> bool:
         return False
     repo = spec.removeprefix("hf://")
     return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+# Tiny configs of architectures our decoder does not implement (trained through transformers).
+FALLBACK_ARCHS = {
+    "gpt_neox": ("GPTNeoXConfig", {}),  # fused qkv, partial rotary, parallel residual, biases
+    "phi": ("PhiConfig", {}),  # lm_head with a bias
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "num_key_value_heads": 2}),  # soft-capping
+    "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),  # learned positions
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4}),  # Conv1D, not Linear
+}
+
+
+def make_hf_model(root: Path, tokenizer_dir: Path, arch: str, **overrides) -> Path:
+    """A random tiny ``arch`` model (``FALLBACK_ARCHS``) with the test tokenizer, in ``root``."""
+    import shutil
+
+    import transformers
+
+    cls_name, defaults = FALLBACK_ARCHS[arch]
+    kwargs = dict(
+        vocab_size=416,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = getattr(transformers, cls_name)(**{**kwargs, **defaults, **overrides})
+    torch.manual_seed(1234)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random norms and biases, so a wrong order of ops shows up
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    path = Path(root) / f"tiny-{arch}"
+    model.save_pretrained(str(path))
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy2(f, path / f.name)
+    return path

@@ -57,3 +57,33 @@ def test_no_grad_evaluation():
     with torch.no_grad():
         loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=3)
     torch.testing.assert_close(loss, reference(hidden, weight, labels))
+
+
+@pytest.mark.parametrize(
+    ("bias", "scale", "softcap"), [(True, 1.0, None), (False, 0.25, None), (True, 2.0, 3.0)]
+)
+def test_head_with_bias_scale_and_softcap_matches_full_logits(bias, scale, softcap):
+    """The heads of models trained through transformers (phi, cohere / granite, gemma2)."""
+    from tunelab.train.loss import OutputHead
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 2).requires_grad_()
+    b = torch.randn(50, requires_grad=True) if bias else None
+    labels = torch.randint(0, 50, (2, 9))
+    head = OutputHead(weight, b, scale, softcap)
+    loss, _ = chunked_cross_entropy(hidden, head, labels, chunk_tokens=5)
+    loss.backward()
+    ours = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    logits = F.linear(hidden[:, :-1], weight, b) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = F.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(head.logits(hidden)[:, :-1], logits.detach())
+    for got, want in zip(ours, [t.grad for t in (hidden, weight, b) if t is not None], strict=True):
+        torch.testing.assert_close(got, want)

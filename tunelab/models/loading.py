@@ -73,7 +73,7 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def save_pretrained(
-    model: Decoder,
+    model: Decoder | torch.nn.Module,
     tokenizer: Any,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
@@ -84,9 +84,15 @@ def save_pretrained(
     """Write ``model`` + ``tokenizer`` as an HF directory that ``transformers`` loads unchanged.
 
     The directory is built aside and renamed into place, so it is complete or absent.
+    ``model`` may also be a transformers model (the training fallback for other
+    architectures): it is saved by its own ``save_pretrained``.
     """
     out_dir = Path(out_dir)
     dtype = dtype or model.dtype
+    if not isinstance(model, Decoder):
+        from tunelab.models.hf_fallback import save_hf_model
+
+        return save_hf_model(model, tokenizer, out_dir, dtype, overwrite, generation_config)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

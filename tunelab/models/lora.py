@@ -109,13 +109,18 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def candidate_linears(model: Decoder) -> dict[str, nn.Linear]:
+def candidate_linears(model: Decoder | nn.Module) -> dict[str, nn.Linear]:
     """Linear layers LoRA can wrap: every ``nn.Linear`` inside the decoder layers.
 
+    The layers are ``model.layers`` in our decoder, wherever transformers keeps its blocks
+    in a fallback model (``hf_fallback.decoder_layers``); the output head is never one.
     A wrapped layer counts under its own name (its base linear); LoRA's A/B are not targets.
     """
+    from tunelab.models.hf_fallback import decoder_layers
+
+    prefix, layers = decoder_layers(model)
     found: dict[str, nn.Linear] = {}
-    for name, m in model.model.layers.named_modules(prefix="model.layers"):
+    for name, m in layers.named_modules(prefix=prefix):
         if isinstance(m, LoraLinear):
             found[name] = m.base
         elif isinstance(m, nn.Linear) and name.rsplit(".", 1)[0] not in found:
@@ -126,6 +131,11 @@ def candidate_linears(model: Decoder) -> dict[str, nn.Linear]:
 def select_targets(model: Decoder, targets: list[str] | str) -> list[str]:
     """Module names matched by ``targets`` (see LoraConfig); unknown names raise."""
     names = list(candidate_linears(model))
+    if not names:  # e.g. GPT-2 through transformers: its blocks use Conv1D, not nn.Linear
+        raise TunelabError(
+            f"{type(model).__name__} has no nn.Linear layers in its decoder blocks for LoRA "
+            "to wrap; use method full or freeze for this model."
+        )
     valid = sorted({n.rsplit(".", 1)[-1] for n in names})
     hint = f"valid targets: all-linear, {', '.join(valid)} (or full module names)"
     if targets == "all-linear":

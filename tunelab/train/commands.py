@@ -32,14 +32,12 @@ def run_train(
 
 def _dry_run(cfg, out: TextIO) -> int:
     from tunelab.hub import resolve_model
-    from tunelab.models.config import ModelConfig
-    from tunelab.train.estimate import estimate
+    from tunelab.train.estimate import estimate_for
     from tunelab.train.setup import resolve_precision
 
     device = dev.resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device, cfg.method)
-    model_config = ModelConfig.from_file(resolve_model(cfg.model) / "config.json")
-    est = estimate(cfg, model_config, precision)
+    est = estimate_for(cfg, resolve_model(cfg.model), precision)
     free, total = dev.mem_get_info(device)
     out.write("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     out.write(f"\n# {cfg.method} on {device} ({dev.device_name(device)})\n")

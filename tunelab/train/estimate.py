@@ -7,8 +7,11 @@ of refusing: weights + gradients + AdamW states + activations + one chunk of log
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from tunelab.models.config import ModelConfig
 from tunelab.models.decoder import Decoder
@@ -41,11 +44,29 @@ class MemoryEstimate:
         ]
 
 
+def estimate_for(cfg: TrainConfig, model_dir: Path, precision: Precision) -> MemoryEstimate:
+    """The estimate for the model in ``model_dir``: our decoder's config, or, for an
+    architecture trained through transformers, its model instantiated on the meta device."""
+    from tunelab.models import hf_fallback
+
+    if not hf_fallback.needs_fallback(model_dir):
+        return estimate(cfg, ModelConfig.from_file(model_dir / "config.json"), precision)
+    model = hf_fallback.meta_hf_model(model_dir)
+    model.to(precision.base_dtype)
+    configure_method(model, cfg, quantize=False)
+    return _estimate(cfg, model, hf_fallback.memory_dims(model.config), precision)
+
+
 def estimate(cfg: TrainConfig, config: ModelConfig, precision: Precision) -> MemoryEstimate:
     with torch.device("meta"):
         model = Decoder(config)
         model.to(precision.base_dtype)
         configure_method(model, cfg, quantize=False)
+    return _estimate(cfg, model, config, precision)
+
+
+def _estimate(cfg: TrainConfig, model: nn.Module, config: Any, precision: Precision):
+    """``config`` gives hidden_size, intermediate_size, num_hidden_layers and vocab_size."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
 from tunelab import device as dev
 from tunelab.config import to_dict
 from tunelab.errors import TunelabError
-from tunelab.models.decoder import Decoder
 from tunelab.train.checkpoint import list_checkpoints
 from tunelab.train.config import TrainConfig
 
@@ -108,40 +108,63 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, precision: Precision):
-    """Load the decoder and make exactly the parameters of ``cfg.method`` trainable."""
+    """Load the model and make exactly the parameters of ``cfg.method`` trainable.
+
+    Our ``Decoder`` for the families it implements; any other architecture transformers
+    knows trains through ``AutoModelForCausalLM`` (``tunelab.models.hf_fallback``), after
+    probes that refuse what the fused loss or packing would get wrong.
+    """
+    from tunelab.models import hf_fallback
     from tunelab.models.loading import load_model
 
     if cfg.method == "qlora":
         dev.require("qlora_nf4", device)
+    if hf_fallback.needs_fallback(model_dir):
+        model = hf_fallback.load_hf_model(model_dir, device, precision.base_dtype)
+        configure_method(model, cfg, quantize=True)
+        hf_fallback.check_fallback(model, cfg.data.packing)
+        return model
     model = load_model(model_dir, device=device, dtype=precision.base_dtype)
     configure_method(model, cfg, quantize=True)
     return model
 
 
-def configure_method(model: Decoder, cfg: TrainConfig, quantize: bool) -> None:
-    """Apply LoRA / QLoRA / freezing in place (``quantize=False`` on a meta model: dry run)."""
+def configure_method(model: nn.Module, cfg: TrainConfig, quantize: bool) -> None:
+    """Apply LoRA / QLoRA / freezing in place (``quantize=False`` on a meta model: dry run).
+
+    ``model`` is our ``Decoder`` or a transformers model (the fallback).
+    """
+    from tunelab.models.hf_fallback import enable_grad_checkpointing, is_hf_model, nf4_view
+
     if cfg.method in ("lora", "qlora"):
         from tunelab.models.lora import apply_lora, lora_modules
 
         if cfg.method == "qlora" and quantize:
             from tunelab.models.quant import quantize_base_nf4
 
-            quantize_base_nf4(model, model.device)
+            target = nf4_view(model) if is_hf_model(model) else model
+            quantize_base_nf4(target, model.device)
         apply_lora(model, cfg.lora)
         for module in lora_modules(model).values():  # adapters train in fp32
             module.lora_A.float()
             module.lora_B.float()
     elif cfg.method == "freeze":
         _freeze_all_but(model, cfg.freeze.last_layers, cfg.freeze.modules)
-    model.model.gradient_checkpointing = cfg.train.grad_checkpointing
+    if not is_hf_model(model):
+        model.model.gradient_checkpointing = cfg.train.grad_checkpointing
+    elif cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise TunelabError(f"method {cfg.method} left no trainable parameter; check its settings.")
 
 
-def _freeze_all_but(model: Decoder, last_layers: int, modules: list[str]) -> None:
+def _freeze_all_but(model: nn.Module, last_layers: int, modules: list[str]) -> None:
+    from tunelab.models.hf_fallback import decoder_layers
+
     model.requires_grad_(False)
-    n = model.config.num_hidden_layers
-    keep = [f"model.layers.{i}" for i in range(max(0, n - last_layers), n)] + list(modules)
+    prefix, layers = decoder_layers(model)
+    n = len(layers)
+    keep = [f"{prefix}.{i}" for i in range(max(0, n - last_layers), n)] + list(modules)
     named = dict(model.named_modules())
     for name in keep:
         if name not in named:

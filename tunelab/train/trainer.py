@@ -25,8 +25,9 @@ from tunelab import device as dev
 from tunelab.config import to_dict
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.batching import BatchPlan, attention_for, count_targets, to_encoded
+from tunelab.train.batching import BatchPlan, count_targets, to_encoded
 from tunelab.train.config import TrainConfig
+from tunelab.train.forward import forward_for
 from tunelab.train.loss import chunked_cross_entropy
 from tunelab.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from tunelab.train.optim import build_optimizer, build_scheduler, warmup_steps
@@ -70,7 +71,8 @@ class Trainer:
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
         dev.manual_seed(t.seed)  # LoRA init and dropout draw from here: same seed, same run
         self.model = build_model(cfg, self.model_dir, self.device, self.precision)
-        self.windows = {layer.self_attn.window for layer in self.model.model.layers}
+        self.fwd = forward_for(self.model, cfg.data.packing)
+        self.flops_config = self.fwd.flops_config
         self.optimizer = build_optimizer(self.model.parameters(), t.lr, t.weight_decay, self.device)
         warmup = warmup_steps(t.warmup, self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, t.schedule)
@@ -152,11 +154,10 @@ class Trainer:
         return self._log_row(loss_total, lr, grad_norm, tokens, elapsed, micro)
 
     def _forward(self, batch) -> tuple[torch.Tensor, int]:
-        attn = attention_for(batch, self.windows, self.cfg.data.packing)
         with self._autocast():
-            hidden = self.model.model(batch.input_ids, batch.position_ids, attn=attn)
+            hidden = self.fwd.hidden(batch)
             return chunked_cross_entropy(
-                hidden, self.model.lm_head.weight, batch.labels, self.cfg.train.loss_chunk_tokens
+                hidden, self.fwd.head(), batch.labels, self.cfg.train.loss_chunk_tokens
             )
 
     def _optimizer_step(self) -> float:
@@ -180,7 +181,7 @@ class Trainer:
         attn_len = sum(n * n for n in lens) / max(sum(lens), 1)
         tps = tokens / elapsed if elapsed > 0 else 0.0
         peak = peak_flops(dev.device_name(self.device))
-        fpt = flops_per_token(self.model.config, self.cfg.method, attn_len)
+        fpt = flops_per_token(self.flops_config, self.cfg.method, attn_len)
         row = {
             "step": self.state.step,
             "epoch": self.state.epoch,
