@@ -7,8 +7,8 @@ cache slot of each token). A backend turns it into an ``AttentionContext`` for t
 
 ``sdpa`` is the portable backend (CPU, NPU, CUDA) and the correctness oracle: it stores this
 step's keys/values into their slots, gathers each sequence's keys/values from its blocks and
-calls PyTorch's scaled_dot_product_attention. A ``triton`` backend (paged prefill/decode
-kernels) will plug in behind the same interface.
+calls PyTorch's scaled_dot_product_attention. The ``triton`` backend (``triton_attention.py``:
+paged prefill/decode kernels, CUDA) plugs in behind the same interface.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tunelab.engine.kv_cache import PagedKVCache
 from tunelab.errors import TunelabError
 from tunelab.models.attention import CAUSAL, AttentionContext, AttnMask, build_mask
 from tunelab.models.attention import dense_attention as _dense
+from tunelab.models.config import ModelConfig
 
 BACKENDS = ("auto", "sdpa", "triton")
 
@@ -91,19 +92,37 @@ class SdpaBackend:
         return SdpaPagedAttention(cache, meta)
 
 
-def select_backend(name: str, device: torch.device) -> PagedAttentionBackend:
-    """The attention backend for ``name`` ("auto", "sdpa", "triton") on ``device``."""
+def select_backend(
+    name: str,
+    device: torch.device,
+    config: ModelConfig | None = None,
+    dtype: torch.dtype | None = None,
+) -> PagedAttentionBackend:
+    """The attention backend for ``name`` ("auto", "sdpa", "triton") on ``device``.
+
+    "auto" takes triton where it can run (CUDA, triton installed, the model's head dim and
+    ``dtype`` supported: ``config`` is needed to tell), sdpa otherwise; asking for triton
+    where it cannot run raises a TunelabError saying why.
+    """
     if name not in BACKENDS:
         raise TunelabError(
             f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}."
         )
-    if name == "triton":
-        dev.require("triton_kernels", device)
-        raise TunelabError(
-            "the triton attention backend is not built yet: use the sdpa backend "
-            "(attention_backend='sdpa' or 'auto')."
-        )
-    return SdpaBackend()  # "auto": the only backend so far
+    if name == "sdpa" or (name == "auto" and config is None):
+        return SdpaBackend()
+    from tunelab.engine import triton_attention
+
+    head_dim = config.head_dim if config is not None else None
+    reason = triton_attention.unavailable_reason(device, head_dim, dtype)
+    if reason is None and config is not None:
+        return triton_attention.TritonPagedBackend(device, config.max_position_embeddings)
+    if name == "auto":
+        return SdpaBackend()
+    dev.require("triton_kernels", device)  # the capability table's message, off CUDA
+    raise TunelabError(
+        f"{reason or 'the triton backend needs the model config'}: use the sdpa backend "
+        "(attention_backend='sdpa' or 'auto')."
+    )
 
 
 class SdpaPagedAttention:
