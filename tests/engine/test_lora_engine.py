@@ -110,15 +110,24 @@ def test_mixed_batch_matches_peft(lora_llm, reference, model_type):
     assert by[None] != by["a1"] and by["a1"] != by["a2"]  # the adapters matter
 
 
-def test_mixed_batch_equals_each_alone_with_small_chunks(lora_llm):
-    """Small prefill chunks interleave adapters within a step (non-contiguous rows)."""
-    llm = lora_llm("llama", max_num_batched_tokens=8)
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        {"max_num_batched_tokens": 8},  # chunks and decodes of several adapters in a step
+        {"block_size": 4, "max_cache_tokens": 48, "max_num_batched_tokens": 16},  # preemption
+    ],
+)
+def test_mixed_batch_equals_each_alone(lora_llm, engine_kwargs):
+    """Rows of one adapter are not contiguous in such steps (the gather/scatter path)."""
+    llm = lora_llm("llama", **engine_kwargs)
     prompts = prompts_of_lengths([9, 4, 13, 7, 5], seed=1)
     loras = ["a2", None, "a1", "a2", "a1"]
-    alone = [
-        tokens(llm.generate(p, GREEDY, lora=lo))[0] for p, lo in zip(prompts, loras, strict=True)
-    ]
-    assert tokens(llm.generate(prompts, GREEDY, lora=loras)) == alone
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    alone = [llm.generate(p, params, lora=lo) for p, lo in zip(prompts, loras, strict=True)]
+    together = llm.generate(prompts, params, lora=loras)
+    assert tokens(together) == [tokens(out)[0] for out in alone]
+    if "max_cache_tokens" in engine_kwargs:
+        assert sum(o.outputs[0].num_preemptions for o in together) > 0
 
 
 def test_prefix_cache_is_per_adapter(lora_llm, reference):

@@ -82,12 +82,13 @@ class MultiLoraLinear(nn.Linear):
             scaling = self.scaling[slot] if slot < len(self.scaling) else None
             if scaling is None:
                 continue
-            # PEFT's order of operations: lora_B(lora_A(x)) * scaling, then added.
-            delta = (x2[rows] @ self.lora_a[slot].T) @ self.lora_b[slot].T * scaling
+            # out[rows] += scaling * (x[rows] @ A^T) @ B^T, the scaling and the addition fused
+            # into one op (PEFT's order: lora_B(lora_A(x)) * scaling, then added).
+            h = x2[rows] @ self.lora_a[slot].T
             if isinstance(rows, slice):
-                out2[rows] += delta
+                out2[rows].addmm_(h, self.lora_b[slot].T, alpha=scaling)
             else:
-                out2.index_add_(0, rows, delta)
+                out2.index_add_(0, rows, h @ self.lora_b[slot].T, alpha=scaling)
         return out
 
     @torch.no_grad()
