@@ -62,6 +62,7 @@ def export_gguf(
     from tunelab.export.qlora import QloraInfo, detect_qlora
     from tunelab.export.verify import DEFAULT_PROMPTS, encode_prompts
     from tunelab.hub import resolve_model
+    from tunelab.models.hf_fallback import needs_fallback, read_model_type
     from tunelab.models.loading import load_tokenizer, read_generation_config
 
     out_file = Path(out_file)
@@ -72,6 +73,12 @@ def export_gguf(
     if adapter is not None:
         check_adapter_files(Path(adapter))
     model_dir = resolve_model(model)
+    if needs_fallback(model_dir):
+        raise TunelabError(
+            f"GGUF export covers the architectures of tunelab's decoder, not model_type "
+            f"{read_model_type(model_dir)!r} (trained through transformers); write an HF "
+            "directory with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py."
+        )
     if adapter is None:
         tokenizer = load_tokenizer(model_dir)
         decoder = load_base(model_dir, "cpu", QloraInfo(False, None, ""))

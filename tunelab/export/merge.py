@@ -88,7 +88,7 @@ def merge_adapter(
     info = detect_qlora(adapter_dir, qlora)
     prompts = list(prompts or verify.DEFAULT_PROMPTS)
 
-    model = load_base(base_dir, device, info)
+    model = load_base(base_dir, device, info, allow_fallback=True)
     ids = verify.encode_prompts(tokenizer, prompts)
     base_logits = verify.prompt_logits(model, ids)
     cast_error = 0.0
@@ -199,6 +199,8 @@ def check_range(model: Decoder, dtype: torch.dtype) -> None:
     limit = torch.finfo(dtype).max
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():  # integer / boolean buffers of transformers models
+            continue
         if not torch.isfinite(tensor).all():
             raise TunelabError(
                 f"merged weight {key} has inf/NaN values; the adapter is broken (check the "
@@ -235,19 +237,32 @@ def write_model_dir(
     return out
 
 
-def load_base(base_dir: Path, device: str | None, info: QloraInfo) -> Decoder:
-    """The base in fp32: as stored, or rebuilt as the NF4 base a QLoRA adapter saw."""
+def load_base(
+    base_dir: Path, device: str | None, info: QloraInfo, allow_fallback: bool = False
+) -> Decoder:
+    """The base in fp32: as stored, or rebuilt as the NF4 base a QLoRA adapter saw.
+
+    ``allow_fallback``: an architecture our decoder does not implement loads as a
+    transformers model (``hf_fallback``), as it was trained; otherwise it is an error.
+    """
+    from tunelab.models import hf_fallback
     from tunelab.models.loading import load_model
 
-    model = load_model(base_dir, device=device or "cpu", dtype=torch.float32)
+    if allow_fallback and hf_fallback.needs_fallback(base_dir):
+        device = dev.resolve_device(device or "cpu")
+        model = hf_fallback.load_hf_model(base_dir, device, torch.float32)
+    else:
+        model = load_model(base_dir, device=device or "cpu", dtype=torch.float32)
     if info.qlora:
-        nf4_round_trip(model, info.base_dtype or stored_dtype(model))
+        nf4_round_trip(model, info.base_dtype or stored_dtype(base_dir))
     return model
 
 
-def stored_dtype(model: Decoder) -> torch.dtype:
+def stored_dtype(base_dir: Path) -> torch.dtype:
     """The dtype the base checkpoint is stored in (its config.json), fp32 if unsaid."""
-    raw = model.config.raw
+    import json
+
+    raw = json.loads((Path(base_dir) / "config.json").read_text())
     return dev.parse_dtype(str(raw.get("dtype") or raw.get("torch_dtype") or "fp32"))
 
 

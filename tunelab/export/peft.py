@@ -26,6 +26,7 @@ def export_peft(
     from tunelab.hub import resolve_model
     from tunelab.models.config import ModelConfig
     from tunelab.models.decoder import Decoder
+    from tunelab.models.hf_fallback import meta_hf_model, needs_fallback
     from tunelab.models.lora import lora_modules
     from tunelab.models.peft_io import _KEY, _read_adapter_weights, load_adapter, write_adapter
 
@@ -34,8 +35,11 @@ def export_peft(
         raise TunelabError(f"{out} already exists; choose another --out or pass --overwrite.")
     check_adapter_files(adapter_dir)
     base_dir = resolve_model(model)
-    with torch.device("meta"):
-        decoder = Decoder(ModelConfig.from_file(base_dir / "config.json"))
+    if needs_fallback(base_dir):  # an architecture trained through transformers
+        decoder = meta_hf_model(base_dir)
+    else:
+        with torch.device("meta"):
+            decoder = Decoder(ModelConfig.from_file(base_dir / "config.json"))
     cfg = load_adapter(decoder, adapter_dir)  # every name and shape checked against the base
     stored = {}
     for key, tensor in _read_adapter_weights(adapter_dir).items():

@@ -118,6 +118,7 @@ def nf4_round_trip(model: Decoder, base_dtype: torch.dtype) -> int:
 
     The weights come back in the model's dtype (fp32 for a merge). Returns the layer count.
     """
+    from tunelab.models.hf_fallback import is_hf_model, nf4_view
     from tunelab.models.lora import candidate_linears, lora_modules
     from tunelab.models.quant import dequantize_nf4, quantize_base_nf4
 
@@ -125,8 +126,9 @@ def nf4_round_trip(model: Decoder, base_dtype: torch.dtype) -> int:
     dtype = model.dtype
     for linear in candidate_linears(model).values():
         linear.weight.data = linear.weight.data.to(base_dtype)
-    report = quantize_base_nf4(model, model.device)
-    dequantize_nf4(model, dtype)
+    layers = nf4_view(model) if is_hf_model(model) else model  # where the layers are
+    report = quantize_base_nf4(layers, model.device)
+    dequantize_nf4(layers, dtype)
     for linear in candidate_linears(model).values():  # layers NF4 skipped (size % 64 != 0)
         linear.weight.data = linear.weight.data.to(dtype)
     log.info("rebuilt the NF4 base of %d layers (from %s)", len(report.quantized), base_dtype)

@@ -53,7 +53,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 def prompt_logits(model: Decoder, prompts: list[list[int]]) -> list[torch.Tensor]:
     """fp32 CPU logits of each prompt, run one at a time (no padding to account for)."""
     device = model.device
-    return [model(torch.tensor([ids], device=device))[0].float().cpu() for ids in prompts]
+    logits = []
+    for ids in prompts:
+        out = model(torch.tensor([ids], device=device))
+        logits.append(getattr(out, "logits", out)[0].float().cpu())  # transformers: an output
+    return logits
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -85,6 +89,13 @@ def clone_in_dtype(model: Decoder, dtype: torch.dtype) -> Decoder:
     Built like ``load_model`` (meta, assign, fresh RoPE table) so it computes exactly what the
     saved directory will compute when loaded in ``dtype``.
     """
+    if not isinstance(model, Decoder):  # a transformers model (hf_fallback): cast its weights
+        import copy
+
+        clone = copy.deepcopy(model)
+        for p in clone.parameters():  # buffers (rotary tables) keep their dtype, as on load
+            p.data = p.data.to(dtype)
+        return clone.eval()
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     with torch.device("meta"):
         clone = Decoder(model.config)
