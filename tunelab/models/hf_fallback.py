@@ -302,21 +302,29 @@ def check_fallback(model: nn.Module, packing: bool) -> None:
 
 
 def _check_packing(body: nn.Module, ids: torch.Tensor, sliding: int | None) -> None:
-    """Two documents and a padding segment in one row must see what they see alone."""
+    """Two documents and a padding segment in one row must see what they see alone.
+
+    The first document cannot see another one (attention is causal), so its difference from
+    running alone is the noise of the masked attention path; the second document may differ
+    by little more than that. A leak across documents or positions that do not restart
+    changes it by tens of percent.
+    """
     lengths = (6, 5, 3)
     pos = torch.cat([torch.arange(n) for n in lengths])[None].to(ids.device)
     packed = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-    start, worst = 0, 0.0
+    errors, start = [], 0
     for n in lengths[:2]:
         alone = body(input_ids=ids[:, start : start + n], use_cache=False).last_hidden_state
         part = packed[:, start : start + n]
         err = (part - alone).float().norm(dim=-1) / alone.float().norm(dim=-1).clamp_min(1e-6)
-        worst, start = max(worst, float(err.max())), start + n
-    if not worst <= 100 * _tolerance(packed.dtype):
+        errors.append(float(err.max()))
+        start += n
+    floor = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    if not errors[1] <= max(floor, 10 * errors[0]):
         window = f" (sliding window {sliding})" if sliding else ""
         raise TunelabError(
             f"packing with {type(body).__name__}{window} through transformers mixes documents: "
-            f"a packed document's hidden states differ by {worst:.2g} (relative) from the "
+            f"a packed document's hidden states differ by {errors[1]:.2g} (relative) from the "
             "document alone, so this architecture ignores per-document position_ids; set "
             "data.packing false."
         )
