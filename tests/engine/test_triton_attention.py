@@ -113,7 +113,7 @@ def dense(q, keys, values, positions, window):
     v = values.float().repeat_interleave(H // n_kv, 1)
     s = torch.einsum("qhd,khd->hqk", q.float(), k) / math.sqrt(q.shape[-1])
     j = torch.arange(keys.shape[0], device=q.device)[None, :]
-    p = positions[:, None]
+    p = positions.to(q.device)[:, None]
     allowed = (j <= p) & ((j > p - window) if window else True)
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
@@ -222,6 +222,16 @@ class _Config:  # what PagedKVCache reads from a model config
     num_hidden_layers, num_key_value_heads, head_dim = 1, 2, 16
 
 
+def _llm(path, **kw):
+    """An engine on DEVICE in fp32 (sdpa, eager); tests swap in the triton backend."""
+    from tunelab.engine.llm import LLM
+    from tunelab.models.loading import load_model, load_tokenizer
+
+    model = load_model(path, DEVICE, torch.float32)
+    kw = dict(block_size=4, max_cache_tokens=512, attention_backend="sdpa", cuda_graphs=False) | kw
+    return LLM(model, tokenizer=load_tokenizer(path), **kw)
+
+
 def _triton_backend(max_context=256):
     from tunelab.engine.triton_attention import TritonPagedBackend
 
@@ -270,18 +280,32 @@ def test_backend_matches_sdpa_on_a_mixed_step(dtype, window):
 
 @kernel_test
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
-def test_engine_greedy_matches_hf(tiny_llm, make_tiny_model, hf_greedy, model_type):
+def test_engine_greedy_matches_hf(make_tiny_model, hf_greedy, model_type):
     """Whole engine runs (chunked prefill, prefix cache hits, GQA, mistral's window of 8)."""
     prompts = prompts_of_lengths([5, 19, 11, 19])
     prompts[3][:16] = prompts[1][:16]  # shares a cached block with prompt 1
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm = tiny_llm(model_type, max_num_batched_tokens=16, block_size=4, max_cache_tokens=512)
-    llm.engine.runner.backend = _triton_backend()  # the device check allows CUDA only
+    llm = _llm(make_tiny_model(model_type), max_num_batched_tokens=16)
+    llm.engine.runner.backend = _triton_backend()  # small num_sms: decode splits too
     outs = llm.generate(prompts, params)
     path = make_tiny_model(model_type)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == hf_greedy(path, prompt, 8)
     assert outs[3].metrics.num_cached_tokens >= 16
+
+
+def test_selection_off_cuda_is_sdpa_and_refuses_triton_and_graphs(tiny_llm):
+    from tunelab.engine.paged_attention import select_backend
+    from tunelab.errors import TunelabError
+
+    llm = tiny_llm("llama")
+    assert llm.engine.runner.backend.name == "sdpa" and llm.engine.runner.graphs is None
+    cpu, config = torch.device("cpu"), llm.engine.model.config
+    assert select_backend("auto", cpu, config, torch.float32).name == "sdpa"
+    with pytest.raises(TunelabError, match="triton_kernels is not available on cpu"):
+        select_backend("triton", cpu, config, torch.float32)
+    with pytest.raises(TunelabError, match="cuda_graphs is not available on cpu"):
+        tiny_llm("llama", cuda_graphs=True)
 
 
 # ---- without CUDA: this module again, under the interpreter ----------------------------------
@@ -298,3 +322,29 @@ def test_kernels_under_interpreter():
     assert proc.returncode == 0, report
     assert " passed" in report and " failed" not in report, report
 
+
+@kernel_test
+def test_decode_graphs_match_hf(make_tiny_model, hf_greedy, K, monkeypatch):
+    """Decode steps through the graphs' fixed buffers (captured on CUDA, run eagerly under
+    the interpreter): padded rows (slot -1, no keys), splits over the whole context and their
+    combine pass. Sequences finish at different steps: the batch shrinks and gets padded."""
+    from tunelab.engine.cuda_graph import DecodeGraphs
+
+    monkeypatch.setattr(K, "MIN_SPLIT_KEYS", 64)  # 4 splits of 64 keys over the context of 256
+
+    prompts = prompts_of_lengths([5, 19, 11, 7, 14], seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 4, 7, 9, 2)]
+    llm = _llm(make_tiny_model("mistral"), max_num_seqs=8)
+    runner = llm.engine.runner
+    runner.backend = _triton_backend()
+    runner.graphs = DecodeGraphs(runner.model, runner.cache, runner.backend, 8, capture=ON_CUDA)
+    sizes = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda ids, pos, meta: (
+        sizes.append(len(meta.query_lens)) or run(ids, pos, meta)
+    )
+    outs = llm.generate(prompts, params)
+    path = make_tiny_model("mistral")
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, p.max_tokens)
+    assert 5 in sizes and 3 in sizes and 2 in sizes

@@ -37,6 +37,8 @@ class LLM:
     ``max_cache_tokens`` caps the KV cache (on CPU it is the cache size, default 16384).
     ``adapters`` maps names to PEFT LoRA adapter directories to load (requests pick one with
     ``lora=name``); ``max_lora_rank`` is the largest adapter rank accepted.
+    ``attention_backend`` is "auto", "sdpa" or "triton"; ``cuda_graphs`` replays decode steps
+    as CUDA graphs (None: on with CUDA and the triton backend). See docs/engine.md.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         memory_fraction: float = 0.9,
         attention_backend: str = "auto",
+        cuda_graphs: bool | None = None,
         tokenizer: Any | None = None,
         eos_token_ids: set[int] | None = None,
         adapters: dict[str, str | Path] | None = None,
@@ -64,6 +67,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             memory_fraction=memory_fraction,
             attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
             max_lora_rank=max_lora_rank,
         )
         if isinstance(model, Decoder):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tunelab.engine.block_manager import BlockManager, blocks_for
+from tunelab.engine.cuda_graph import decode_graphs
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.kv_cache import PagedKVCache, activation_bytes, plan_num_blocks
 from tunelab.engine.lora import DEFAULT_MAX_LORA_RANK, LoadedAdapter, LoraRegistry
@@ -46,6 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     memory_fraction: float = 0.9  # of the accelerator's memory the process may use in all
     attention_backend: str = "auto"  # "auto", "sdpa" or "triton"
+    cuda_graphs: bool | None = None  # decode steps as CUDA graphs; None: on with CUDA + triton
     stream_text: bool = False  # detokenize every step (streaming) rather than at the end
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # largest LoRA adapter rank accepted
 
@@ -81,7 +83,7 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids or ())
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        backend = select_backend(cfg.attention_backend, self.device)
+        backend = select_backend(cfg.attention_backend, self.device, model.config, model.dtype)
         reserve = activation_bytes(
             model.config, cfg.max_num_batched_tokens, cfg.max_num_seqs, model.dtype
         )
@@ -98,6 +100,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, backend, self.eos_token_ids)
+        self.runner.graphs = decode_graphs(cfg.cuda_graphs, model, cache, backend, cfg.max_num_seqs)
         self.lora = LoraRegistry(model, cfg.max_lora_rank)
         self.runner.lora = self.lora
         self.requests: dict[str, Request] = {}

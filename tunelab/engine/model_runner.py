@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from tunelab.engine.sampler import Logprobs, SampleInput, sample_batch, token_lo
 from tunelab.engine.scheduler import ScheduledBatch
 from tunelab.engine.sequence import Sequence
 from tunelab.models.decoder import Decoder
+
+if TYPE_CHECKING:
+    from tunelab.engine.cuda_graph import DecodeGraphs
 
 
 @dataclass
@@ -43,6 +47,7 @@ class ModelRunner:
         self.eos_token_ids = set(eos_token_ids)
         self.device = model.device
         self.lora: LoraRegistry | None = None  # set by LLMEngine: per-request LoRA adapters
+        self.graphs: DecodeGraphs | None = None  # set by LLMEngine: CUDA graphs for decodes
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -71,14 +76,19 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             block_tables=self._block_tables(seqs),
         )
-        # Which rows use which LoRA adapter, for the duration of the forward pass.
-        lora = self.lora.step_for(seqs, counts, self.device) if self.lora else nullcontext()
-        with lora:
-            hidden = self.model.model(
-                self._tensor(ids)[None],
-                self._tensor(positions)[None],
-                attn=self.backend.context(self.cache, meta),
-            )[0]  # (T, hidden)
+        # CUDA graphs replay decode-only steps without LoRA rows (engine/cuda_graph.py).
+        graph = self.graphs is not None and self.graphs.can_run(meta)
+        if graph and all(seq.lora_slot < 0 for seq in seqs):
+            hidden = self.graphs.run(self._tensor(ids), self._tensor(positions), meta)
+        else:
+            # Which rows use which LoRA adapter, for the duration of the forward pass.
+            lora = self.lora.step_for(seqs, counts, self.device) if self.lora else nullcontext()
+            with lora:
+                hidden = self.model.model(
+                    self._tensor(ids)[None],
+                    self._tensor(positions)[None],
+                    attn=self.backend.context(self.cache, meta),
+                )[0]  # (T, hidden)
         result = StepResult()
         self._prompt_logprobs(seqs, counts, meta, hidden, result)
         self._sample(seqs, counts, meta, hidden, result)
