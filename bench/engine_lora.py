@@ -11,12 +11,15 @@
 4. ``N adapters mixed``: request i on adapter a(i mod N), so every step mixes N adapters.
 
 Adapters are random, rank --rank, on every linear (the most expensive case). Prefix caching
-is off so that every scenario computes the same tokens. Greedy, EOS ignored.
+is off so that every scenario computes the same tokens. Greedy, EOS ignored. Scenario 1 runs
+on its own copy of the model; the scenarios take turns for --repeats rounds and the median
+time is reported (a lone run on a shared CPU is noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--adapters", type=int, default=4, help="adapters in the mixed scenario")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -89,28 +93,37 @@ def main(argv=None) -> None:
             model_dir = resolve_model(args.model or "default")
             tokenizer = load_tokenizer(model_dir)
         adapters = write_random_adapters(model_dir, Path(tmp), args.adapters, args.rank)
-        model = load_model(model_dir, device, dtype)
-        llm = LLM(model, tokenizer=tokenizer, enable_prefix_caching=False)
+        plain = LLM(load_model(model_dir, device, dtype), tokenizer=tokenizer,
+                    enable_prefix_caching=False)  # fmt: skip
+        llm = LLM(load_model(model_dir, device, dtype), tokenizer=tokenizer,
+                  enable_prefix_caching=False, adapters=adapters)  # fmt: skip
         g = torch.Generator().manual_seed(args.seed)
-        vocab = model.config.vocab_size
+        vocab = plain.engine.model.config.vocab_size
         lengths = torch.randint(args.min_prompt_len, args.max_prompt_len + 1, (args.num_prompts,),
                                 generator=g)  # fmt: skip
         prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-        llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up
-
         n = args.num_prompts
-        rows = [("base", *timed(llm, prompts, params, None))]
-        for name, path in adapters.items():
-            llm.load_adapter(name, path)
-        rows.append(("base, adapters loaded", *timed(llm, prompts, params, None)))
-        rows.append(("one adapter", *timed(llm, prompts, params, "a0")))
         mixed = [f"a{i % args.adapters}" for i in range(n)]
-        rows.append((f"{args.adapters} adapters mixed", *timed(llm, prompts, params, mixed)))
+        scenarios = [
+            ("base", plain, None),
+            ("base, adapters loaded", llm, None),
+            ("one adapter", llm, "a0"),
+            (f"{args.adapters} adapters mixed", llm, mixed),
+        ]
+        for _, engine, lora in scenarios:  # warm-up
+            engine.generate(prompts[:2], SamplingParams(max_tokens=2), lora=lora and "a0")
+        times: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
+        tokens: dict[str, list[list[int]]] = {}
+        for _ in range(args.repeats):
+            for name, engine, lora in scenarios:
+                seconds, tokens[name] = timed(engine, prompts, params, lora)
+                times[name].append(seconds)
+        rows = [(name, statistics.median(times[name]), tokens[name]) for name in times]
 
     lens = f"{args.min_prompt_len}..{args.max_prompt_len}"
     print(f"device {device}, dtype {dtype}, {n} prompts of {lens} tokens, {args.output_len} new, "
-          f"rank {args.rank}, all-linear")  # fmt: skip
+          f"rank {args.rank}, all-linear, median of {args.repeats}")  # fmt: skip
     print("| scenario | total s | out tok/s | vs base |")
     print("|---|---|---|---|")
     base_s = rows[0][1]
