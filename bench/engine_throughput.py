@@ -4,6 +4,7 @@
     python bench/engine_throughput.py --shape tiny --num-prompts 4 --output-len 4
     python bench/engine_throughput.py --shape 1b --num-prompts 256 --max-prompt-len 512 \
         --output-len 256                                   # on the GPU machine
+    python bench/engine_throughput.py --shape 1b --which ours --backend sdpa --cuda-graphs off
 
 Prompts are random token ids of random length in [--min-prompt-len, --max-prompt-len]; every
 request makes exactly --output-len tokens, greedily (EOS ignored). All prompts arrive at
@@ -11,7 +12,8 @@ t=0. Ours runs them through continuous batching; HF runs them in static, left-pa
 of --batch-size in arrival order. Reported: output tokens/s, time to first token (TTFT) and
 inter-token latency (ITL, mean gap between a request's tokens), and whether the greedy
 tokens agree row by row (padding can flip near-ties in HF's batches; a mismatch is reported,
-not an error).
+not an error). ``--backend`` (attention: auto / sdpa / triton) and ``--cuda-graphs``
+(auto / on / off) pick how ours runs; auto is triton with CUDA graphs on CUDA, sdpa elsewhere.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def run_ours(model_dir, tokenizer, prompts, args, device, dtype) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_cache_tokens=args.max_cache_tokens,
+        attention_backend=args.backend,
+        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
     )
+    args.resolved = (llm.engine.runner.backend.name, llm.engine.runner.graphs is not None)
     warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     llm.generate([p[:16] for p in prompts[:2]], warm)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -143,6 +148,18 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="ours (default: device's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="ours, per step")
     p.add_argument("--max-cache-tokens", type=int, default=None, help="ours, KV cache cap")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "sdpa", "triton"],
+        help="ours: attention backend",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="ours: CUDA graphs for decode steps (auto: on with CUDA + triton)",
+    )
     p.add_argument("--which", default="ours,hf", help="comma list of: ours, hf")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, median reported")
     p.add_argument("--seed", type=int, default=0)
@@ -190,6 +207,9 @@ def main(argv=None) -> None:
                 runs["hf"].append(run_hf(model_dir, prompts, args, device, dtype))
         res = {side: median_run(r) for side, r in runs.items()}
 
+    if "ours" in res:
+        backend, graphs = args.resolved
+        print(f"# ours: attention {backend}, CUDA graphs {'on' if graphs else 'off'}")
     if len(res) == 2:
         same = sum(a == b for a, b in zip(res["ours"]["tokens"], res["hf"]["tokens"], strict=True))
         print(f"tokens match: {same} of {len(prompts)} rows")
