@@ -294,6 +294,18 @@ def test_engine_greedy_matches_hf(make_tiny_model, hf_greedy, model_type):
     assert outs[3].metrics.num_cached_tokens >= 16
 
 
+@kernel_test
+def test_self_check_passes_and_catches_a_broken_kernel(make_tiny_model, K, monkeypatch):
+    from tunelab.engine.triton_attention import self_check
+    from tunelab.models.config import ModelConfig
+
+    config = ModelConfig.from_file(make_tiny_model("mistral") / "config.json")
+    self_check(_triton_backend(), config, torch.float32)  # window 8, one-pass and split
+    monkeypatch.setattr(K, "paged_prefill", lambda *args: None)
+    with pytest.raises(RuntimeError, match="differs from sdpa"):
+        self_check(_triton_backend(), config, torch.float32)
+
+
 def test_selection_off_cuda_is_sdpa_and_refuses_triton_and_graphs(tiny_llm):
     from tunelab.engine.paged_attention import select_backend
     from tunelab.errors import TunelabError

@@ -150,9 +150,13 @@ def decode_graphs(
     if enabled is False:
         return None
     device = model.device
-    if enabled is None:
-        if device.type != "cuda" or not isinstance(backend, TritonPagedBackend):
-            return None
-    else:
+    if enabled:
         dev.require("cuda_graphs", device)
-    return DecodeGraphs(model, cache, backend, max_num_seqs)
+        return DecodeGraphs(model, cache, backend, max_num_seqs)
+    if device.type != "cuda" or not isinstance(backend, TritonPagedBackend):
+        return None
+    try:
+        return DecodeGraphs(model, cache, backend, max_num_seqs)
+    except Exception as e:  # on by default, untested on this GPU: decode eagerly instead
+        log.warning("CUDA graphs off, capture failed: %s: %s", type(e).__name__, e)
+        return None

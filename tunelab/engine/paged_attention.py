@@ -14,6 +14,7 @@ paged prefill/decode kernels, CUDA) plugs in behind the same interface.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,8 @@ from tunelab.errors import TunelabError
 from tunelab.models.attention import CAUSAL, AttentionContext, AttnMask, build_mask
 from tunelab.models.attention import dense_attention as _dense
 from tunelab.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "triton")
 
@@ -115,8 +118,15 @@ def select_backend(
     head_dim = config.head_dim if config is not None else None
     reason = triton_attention.unavailable_reason(device, head_dim, dtype)
     if reason is None and config is not None:
-        return triton_attention.TritonPagedBackend(device, config.max_position_embeddings)
+        backend = triton_attention.TritonPagedBackend(device, config.max_position_embeddings)
+        try:  # compiled once here at the model's shapes, against sdpa
+            triton_attention.self_check(backend, config, dtype or torch.float32)
+            return backend
+        except Exception as e:  # untested GPU / triton combination: say so, stay correct
+            reason = f"the triton kernels failed their self-check ({type(e).__name__}: {e})"
+            log.warning("attention backend: %s", reason)
     if name == "auto":
+        log.info("attention backend: sdpa (%s)", reason)
         return SdpaBackend()
     dev.require("triton_kernels", device)  # the capability table's message, off CUDA
     raise TunelabError(

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from tunelab import device as dev
 from tunelab.engine.kv_cache import PagedKVCache
-from tunelab.engine.paged_attention import StepMetadata
+from tunelab.engine.paged_attention import SdpaBackend, StepMetadata
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,7 +68,7 @@ class TritonPagedBackend:
         from tunelab.engine import triton_kernels  # imports triton: only once it is chosen
 
         self.kernels = triton_kernels
-        self.max_context = max_context
+        self.device, self.max_context = device, max_context
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.num_sms = num_sms
@@ -149,3 +150,50 @@ class TritonPagedAttention:
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def self_check(backend: TritonPagedBackend, config, dtype: torch.dtype) -> None:
+    """Compile and run the kernels once at the model's head shapes and windows, against the
+    sdpa backend, on decodes (one pass and split) and prefill chunks (with and without a
+    cached prefix). Raises on a compile error or a mismatch; what the engine's first steps
+    would hit, found before the engine relies on it."""
+    device = torch.device(backend.device)
+    H, n_kv, D, page = config.num_attention_heads, config.num_key_value_heads, config.head_dim, 16
+    entries = [(0, 1), (100, 1), (0, 5), (20, 3)]  # (cached, new): 2 decodes, 2 chunks
+    g = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn(8 * len(entries), page, n_kv, D, generator=g, device=device).to(dtype)
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(entries))]
+    slots = [tables[i][p // page] * page + p % page for i, (a, b) in enumerate(entries)
+             for p in range(a, a + b)]  # fmt: skip
+    meta = StepMetadata(
+        query_lens=[b for _, b in entries],
+        context_lens=[a + b for a, b in entries],
+        num_decodes=2,
+        slot_mapping=torch.tensor(slots, device=device),
+        block_tables=torch.tensor(tables, device=device),
+    )
+    T = len(slots)
+    q, k, v = (
+        torch.randn(1, h, T, D, generator=g, device=device).to(dtype) for h in (H, n_kv, n_kv)
+    )
+    windows = {config.window_for_layer(i) for i in range(config.num_hidden_layers)}
+    for window in sorted(windows, key=lambda w: w or 0):
+        want = SdpaBackend().context(_one_layer(noise), meta).attend(0, window, q, k, v)
+        for chunk in (None, backend.kernels.DECODE_BLOCK_N):
+            ctx = backend.context(_one_layer(noise), meta)
+            if chunk:  # the split path: the 101-token decode in two splits
+                ctx.step.decode_chunk, ctx.step.decode_splits = chunk, 2
+            err = (ctx.attend(0, window, q, k, v).float() - want.float()).abs().max().item()
+            if not err <= CHECK_TOL[dtype]:
+                raise RuntimeError(
+                    f"triton attention differs from sdpa by {err:.3g} (window {window}, "
+                    f"{'split' if chunk else 'one-pass'} decode, {dtype}, head dim {D})"
+                )
+
+
+def _one_layer(noise: torch.Tensor):
+    """A one-layer stand-in for ``PagedKVCache`` holding a copy of ``noise``."""
+    return SimpleNamespace(k=[noise.clone()], v=[noise.flip(0).clone()], block_size=noise.shape[1])
