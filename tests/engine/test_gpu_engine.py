@@ -29,6 +29,9 @@ class _Shape:  # a Llama-3-8B-like attention layer: 32 query heads, 8 kv heads
         self.num_hidden_layers, self.num_key_value_heads, self.head_dim = 1, 8, head_dim
         self.max_position_embeddings, self.num_attention_heads = 8192, 32
 
+    def window_for_layer(self, layer: int) -> None:
+        return None
+
 
 def _mixed_step(shape, entries, page, dtype, seed=0):
     """Two caches with the same noise, and a step of ``entries`` (cached, new) pairs."""
