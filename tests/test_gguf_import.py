@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from tunelab.cli import main
 from tunelab.default_model import GGUF_MEMBER, default_gguf_path
@@ -73,7 +74,7 @@ def _write_gguf(path: Path, model, arch: str, extra_tensors: tuple[str, ...] = (
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    byte_chars = list(transformers.convert_slow_tokenizer.bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([*byte_chars, "Ġt", *SPECIALS])
     writer.add_token_types([1] * (len(byte_chars) + 1) + [3] * len(SPECIALS))
