@@ -246,7 +246,7 @@ def test_triton_kernels_are_refused_on_npu_with_a_way_out(fake_npu):
     assert not dev.supports("triton_kernels", "npu:0")
     with pytest.raises(TunelabError, match="triton_kernels is not available on npu") as err:
         dev.require("triton_kernels", "npu:0")
-    assert "--attention sdpa" in str(err.value)
+    assert "--attention-backend sdpa" in str(err.value)
 
 
 # `torch.device("npu")` only parses once torch_npu has renamed torch's "privateuse1" device,

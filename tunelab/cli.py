@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from tunelab import __version__
+from tunelab.engine.flags import add_engine_flags
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -105,6 +106,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from tunelab.engine.flags import engine_config
     from tunelab.engine.infer import run_infer
 
     params = sampling_params(args)  # checked before the model loads
@@ -118,6 +120,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         adapter=args.adapter,
         raw=args.raw,
         system=args.system,
+        engine_config=engine_config(args),
     )
     return 0
 
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format)")
     p.add_argument("--raw", action="store_true", help="send prompts as plain text, no template")
     _add_sampling_flags(p)
+    add_engine_flags(p)
 
     p = parsers["chat"]
     _add_model_flags(p)

@@ -318,9 +318,9 @@ def default_dtype(device: DeviceLike) -> torch.dtype:
 
 # feature -> (device types that support it, what to do instead elsewhere)
 _CAPABILITY_TABLE: dict[str, tuple[frozenset[str], str]] = {
-    "triton_kernels": (frozenset({"cuda"}), "use --attention sdpa instead"),
+    "triton_kernels": (frozenset({"cuda"}), "use --attention-backend sdpa instead"),
     "cuda_graphs": (frozenset({"cuda"}), "run decode eagerly (turn CUDA graphs off)"),
-    "flash_attn": (frozenset({"cuda"}), "use --attention sdpa instead"),
+    "flash_attn": (frozenset({"cuda"}), "use --attention-backend sdpa instead"),
     "qlora_nf4": (frozenset({"cuda", "cpu"}), "use LoRA on 16-bit weights instead of QLoRA"),
     "fused_adamw": (frozenset({"cuda", "npu", "cpu"}), "use the default (foreach) AdamW"),
     "reduce_op_avg": (

@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from tunelab.engine.flags import add_engine_flags, engine_config
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -41,8 +42,6 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=256,
         help="requests that may wait for a free slot before new ones get 429 (default: 256)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once")
-    p.add_argument("--max-cache-tokens", type=int, default=None, help="KV-cache size cap")
     p.add_argument(
         "--served-model-name", default=None, help="the model's name in the API (default: --model)"
     )
@@ -57,6 +56,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds SIGTERM waits for in-flight requests before aborting them (default: 30)",
     )
+    add_engine_flags(p)
 
 
 def parse_adapters(items: list[str], served_model_name: str | None = None) -> dict[str, str]:
@@ -108,10 +108,9 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from None
 
     from tunelab.engine.async_engine import AsyncEngine
-    from tunelab.engine.llm_engine import EngineConfig
     from tunelab.serve.app import create_app
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_cache_tokens=args.max_cache_tokens)
+    config = engine_config(args)
     if args.max_lora_rank is not None:
         config.max_lora_rank = args.max_lora_rank
     engine = AsyncEngine.from_pretrained(args.model, args.device, args.dtype, config)
