@@ -74,3 +74,53 @@ def test_a_bad_request_yields_one_error_delta(tiny_llm):
     (_, tokens, _), (_, _, bad) = asyncio.run(main())
     assert len(tokens) <= 3
     assert len(bad) == 1 and bad[0].finish_reason == "error" and "context" in bad[0].error
+
+
+def test_first_delta_carries_prompt_logprobs_and_queue_time(tiny_llm):
+    """What the server needs for echo + logprobs and its queue-time histogram."""
+    llm = tiny_llm("llama", max_num_batched_tokens=8, block_size=4)
+    prompt = prompts_of_lengths([13], seed=3)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, n=2, seed=0, prompt_logprobs=1,
+                            ignore_eos=True)  # fmt: skip
+    expected = llm.generate([prompt], params)[0]
+    engine = AsyncEngine(llm.engine)
+
+    async def main():
+        async with engine:
+            return await collect(engine.add_request(prompt, params))
+
+    _, _, deltas = asyncio.run(main())
+    first, rest = deltas[0], deltas[1:]
+    assert first.prompt_logprobs == expected.prompt_logprobs  # chunked: complete all the same
+    assert len(first.prompt_logprobs) == len(prompt) and first.prompt_logprobs[0] is None
+    assert first.queue_time is not None and first.queue_time >= 0
+    assert all(d.prompt_logprobs is None and d.queue_time is None for d in rest)
+    assert expected.metrics.queue_time is not None and expected.metrics.queue_time >= 0
+
+
+def test_engine_stats_and_error_are_public(tiny_llm):
+    llm = tiny_llm("llama")
+    stats = llm.engine.stats()
+    assert stats.running_requests == 0 and stats.waiting_requests == 0
+    assert stats.kv_cache_usage == 0.0 and stats.num_free_blocks == stats.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.engine.add_request([5, 6, 7, 8] * 8, params, request_id="a")
+    llm.engine.add_request([9, 10, 11], params, request_id="b")
+    llm.engine.step()
+    busy = llm.engine.stats()
+    assert busy.running_requests == 2 and busy.waiting_requests == 0
+    assert 0 < busy.kv_cache_usage < 1 and busy.num_free_blocks < busy.num_blocks
+    assert AsyncEngine(llm.engine).error is None
+
+
+def test_empty_or_malformed_conversations_are_clear_errors(tiny_llm):
+    import pytest
+
+    from tunelab.engine.prompts import encode_chat
+    from tunelab.errors import TunelabError
+
+    tok = tiny_llm("llama").tokenizer
+    with pytest.raises(TunelabError, match="empty"):
+        encode_chat(tok, [])
+    with pytest.raises(TunelabError, match="role"):
+        encode_chat(tok, [{"content": "hi"}])

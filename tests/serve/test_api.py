@@ -96,6 +96,33 @@ def test_logprobs(client):
     assert len(out.choices[0].logprobs.tokens) == 2
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, tiny_dir):
+    """lm-eval style scoring: echo + logprobs return the prompt tokens' logprobs too."""
+    import torch
+    import transformers
+
+    prompt = [5, 17, 42, 99, 7, 63]
+    kw = dict(model="tiny", prompt=prompt, max_tokens=2, temperature=0, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.completions.create(**kw).choices[0]
+    lp = full.logprobs
+    assert len(lp.tokens) == len(prompt) + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = [logits[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    assert lp.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+
+    chunks = list(client.completions.create(**kw, stream=True))
+    streamed = [t for c in chunks for t in (c.choices[0].logprobs.token_logprobs or [])]
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
 def _error(resp: httpx.Response, status: int) -> dict:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
@@ -112,7 +139,6 @@ def _error(resp: httpx.Response, status: int) -> dict:
         ('{"model": "nope", "prompt": "x"}', 404, "does not exist"),
         ('{"model": "tiny", "prompt": "x", "max_tokens": 1000}', 400, "256 tokens"),
         ('{"model": "tiny", "prompt": "x", "suffix": "y"}', 400, "suffix"),
-        ('{"model": "tiny", "prompt": "x", "echo": true, "logprobs": 1}', 400, "prompt logprobs"),
         ('{"model": "tiny", "prompt": [99999]}', 400, "vocabulary"),
         ('{"model": "tiny", "prompt": []}', 400, "empty"),
         ('{"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 2}', 400, "min_tokens"),

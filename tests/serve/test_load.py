@@ -45,6 +45,10 @@ def test_metrics_parse(server):
 
 
 def test_concurrent_streams_all_finish_with_usage(server):
+    """64 concurrent streaming clients (the issue's bar) all finish with correct usage."""
+    clients = 64
+    before = metrics(server.url)
+    # httpx's default pool holds 100 connections: enough for 64 streams at once
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
 
     async def one(i: int) -> tuple[int, object]:
@@ -61,15 +65,21 @@ def test_concurrent_streams_all_finish_with_usage(server):
 
     async def main():
         try:
-            return await asyncio.gather(*(one(i) for i in range(32)))
+            return await asyncio.gather(*(one(i) for i in range(clients)))
         finally:
             await client.close()
 
     results = asyncio.run(main())
-    assert len(results) == 32
+    assert len(results) == clients
     for _, usage in results:
         assert usage.completion_tokens == 4
         assert usage.total_tokens == usage.prompt_tokens + 4
+    after = metrics(server.url)
+    done = "tunelab:request_queue_time_seconds_count"
+    assert after[done] - before[done] == clients  # one queue time per engine request
+    assert after["tunelab:generation_tokens_total"] - before["tunelab:generation_tokens_total"] >= (
+        4 * clients
+    )
 
 
 def test_queue_full_gives_429(launch):

@@ -80,6 +80,11 @@ class AsyncEngine:
     ) -> AsyncEngine:
         return cls(LLMEngine.from_pretrained(spec, device, dtype, config))
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the step loop (None while it is healthy); new requests are refused."""
+        return self._error
+
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:

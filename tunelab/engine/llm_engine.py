@@ -66,6 +66,18 @@ class EngineConfig:
         )
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (what a server's /metrics shows)."""
+
+    running_requests: int  # requests with a sequence holding KV blocks
+    waiting_requests: int  # requests queued for admission (new or preempted)
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    prefix_cache_hit_rate: float  # prompt tokens served from the prefix cache / queried
+    num_blocks: int
+    num_free_blocks: int
+
+
 class LLMEngine:
     """Paged KV cache + scheduler + model runner + output processing for one model."""
 
@@ -253,6 +265,21 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._failed)
+
+    def stats(self) -> EngineStats:
+        """The engine's load now; safe to call from another thread (reads copies)."""
+        bm = self.block_manager
+        running = {s.request_id for s in list(self.scheduler.running)}
+        waiting = {s.request_id for s in list(self.scheduler.waiting)} - running
+        free = bm.num_free_blocks
+        return EngineStats(
+            running_requests=len(running),
+            waiting_requests=len(waiting),
+            kv_cache_usage=1.0 - free / bm.num_blocks,
+            prefix_cache_hit_rate=bm.hits / bm.queries if bm.queries else 0.0,
+            num_blocks=bm.num_blocks,
+            num_free_blocks=free,
+        )
 
     def pop_output(self, request_id: str) -> RequestOutput:
         """The result of a request; forgets the request once it is finished."""

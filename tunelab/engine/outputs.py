@@ -34,6 +34,14 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    first_scheduled_time: float | None = None  # left the waiting queue
+
+    @property
+    def queue_time(self) -> float | None:
+        """Time spent in the engine's waiting queue before the first step that ran it."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float | None:
@@ -70,7 +78,9 @@ class RequestOutput:
 class StreamDelta:
     """New text and tokens of one sample since its last delta.
 
-    ``finished`` is True on the request's last delta (every sample has a finish reason).
+    ``finished`` is True on the request's last delta (every sample has a finish reason). The
+    request's first delta also carries its ``prompt_logprobs`` (when asked for; position 0 is
+    None) and ``queue_time`` (seconds in the engine's waiting queue).
     """
 
     request_id: str
@@ -81,6 +91,8 @@ class StreamDelta:
     logprobs: list[Logprobs] | None = None
     error: str | None = None
     finished: bool = False
+    prompt_logprobs: list[Logprobs | None] | None = None
+    queue_time: float | None = None
 
 
 # ---- built from the engine's requests -----------------------------------------------------
@@ -101,9 +113,18 @@ def _delta(req: Request, seq: Sequence) -> StreamDelta:
     logprobs = seq.logprobs[req.sent_tokens[i] :] if seq.logprobs is not None else None
     req.sent_tokens[i] = len(out)
     text, req.unsent_text[i] = req.unsent_text[i], ""
-    return StreamDelta(
+    delta = StreamDelta(
         req.request_id, i, text, new_tokens, seq.finish_reason, logprobs, seq.error, req.finished
     )
+    if not req.sent_first_delta:
+        req.sent_first_delta = True
+        first = req.seqs[0]
+        if first.prompt_logprobs is not None:
+            delta.prompt_logprobs = list(first.prompt_logprobs)
+        scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time]
+        if scheduled:
+            delta.queue_time = min(scheduled) - req.arrival_time
+    return delta
 
 
 def request_output(req: Request, tokenizer: Any | None) -> RequestOutput:
@@ -128,11 +149,13 @@ def request_output(req: Request, tokenizer: Any | None) -> RequestOutput:
         )
     firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
     ends = [s.finished_time for s in req.seqs if s.finished_time is not None]
+    scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
     metrics = RequestMetrics(
         req.arrival_time,
         min(firsts) if firsts else None,
         max(ends) if req.finished and ends else None,
         req.seqs[0].num_cached_tokens,
+        min(scheduled) if scheduled else None,
     )
     return RequestOutput(
         req.request_id, req.prompt_ids, outputs, metrics, req.seqs[0].prompt_logprobs, req.error

@@ -31,6 +31,10 @@ def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
 def encode_chat(tokenizer: Any | None, messages: Messages) -> list[int]:
     """Render ``messages`` with the tokenizer's chat template, ready for the answer."""
     tokenizer = _require(tokenizer, "chat messages")
+    if not messages:
+        raise TunelabError("the conversation is empty: send at least one message.")
+    if not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise TunelabError('every chat message needs a "role" (and "content"): {"role": ...}.')
     if not getattr(tokenizer, "chat_template", None):
         raise TunelabError(
             "this model's tokenizer has no chat template: send plain text (a raw prompt) "

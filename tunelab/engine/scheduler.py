@@ -10,6 +10,7 @@ the front of the queue, to be recomputed later (mostly from the prefix cache).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -99,6 +100,8 @@ class Scheduler:
             assert allocated
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
             planned[seq] = n
             budget -= n

@@ -70,6 +70,7 @@ class Sequence:
             [None] if params.prompt_logprobs is not None else None
         )  # position 0 has nothing before it
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # left the waiting queue (first time)
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
 
@@ -120,6 +121,7 @@ class Request:
         self.streams: list[TextStream | None] = []  # incremental detokenizers, when needed
         self.unsent_text: list[str] = []  # per sample: text not yet in a delta
         self.sent_tokens: list[int] = []  # per sample: output tokens already in a delta
+        self.sent_first_delta = False  # prompt logprobs and queue time ride on the first one
         self.error: str | None = None
         self.stream = False  # detokenize every step (deltas carry text)
         self.arrival_time = time.perf_counter()

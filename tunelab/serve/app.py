@@ -113,8 +113,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if getattr(engine, "_error", None) is not None:
-            return JSONResponse({"status": "error", "error": str(engine._error)}, 503)
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": str(engine.error)}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")

@@ -86,23 +86,21 @@ class ServerMetrics:
     """Everything ``/metrics`` shows for one engine."""
 
     def __init__(self, engine) -> None:
-        llm = engine.engine  # the LLMEngine inside the AsyncEngine
-        sched, bm = llm.scheduler, llm.block_manager
+        stats = engine.engine.stats  # the LLMEngine inside the AsyncEngine
         self.admission = None  # the server's bounded queue (``Admission``), set by the app
 
         def running() -> float:
-            return len({s.request_id for s in list(sched.running)})
+            return stats().running_requests
 
         def waiting() -> float:
-            return len({s.request_id for s in list(sched.waiting)}) + (
-                self.admission.num_waiting if self.admission is not None else 0
-            )
+            queued = self.admission.num_waiting if self.admission is not None else 0
+            return stats().waiting_requests + queued
 
         def kv_usage() -> float:
-            return 1.0 - bm.num_free_blocks / bm.num_blocks
+            return stats().kv_cache_usage
 
         def hit_rate() -> float:
-            return bm.hits / bm.queries if bm.queries else 0.0
+            return stats().prefix_cache_hit_rate
 
         p = "tunelab:"
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.")
@@ -113,7 +111,8 @@ class ServerMetrics:
         self.itl = Histogram(p + "inter_token_latency_seconds", "Time between output tokens.")
         self.e2e = Histogram(p + "e2e_request_latency_seconds", "End-to-end request latency.")
         self.queue_time = Histogram(
-            p + "request_queue_time_seconds", "Time waiting in the server's admission queue."
+            p + "request_queue_time_seconds",
+            "Arrival to the first engine step: server admission plus the engine's waiting queue.",
         )
         self._all = [
             Gauge(p + "num_requests_running", "Requests running in the engine.", running),

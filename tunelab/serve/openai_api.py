@@ -37,11 +37,11 @@ def _top(tok: Any, lps: dict[int, float], k: int) -> list[tuple[str, float]]:
 def completion_logprobs(tok: Any, entries, k: int, offset: int) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object for ``entries`` (token id, logprob dict)."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for token_id, lps in entries:
+    for token_id, lps in entries:  # lps None: nothing to condition on (the first prompt token)
         text = _token_text(tok, token_id)
         tokens.append(text)
-        token_lps.append(lps.get(token_id))
-        tops.append(dict(_top(tok, lps, k)) if k else None)
+        token_lps.append(lps.get(token_id) if lps is not None else None)
+        tops.append(dict(_top(tok, lps, k)) if k and lps is not None else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
@@ -92,12 +92,14 @@ async def _collect(run: Run, request: Request) -> None:
     work.result()
 
 
-async def _stream(state: Any, n: int, events: Callable[[], AsyncIterator[str]]):
-    """Take the admission slots first (so a full queue is a 429, not a broken stream)."""
+async def _stream(state: Any, n: int, events: Callable[[float], AsyncIterator[str]]):
+    """Take the admission slots first (so a full queue is a 429, not a broken stream).
+
+    ``events(waited)`` makes the SSE chunks; ``waited``: seconds spent waiting for the slots.
+    """
     stack = AsyncExitStack()
     waited = await stack.enter_async_context(state.admission.slot(n))
-    state.metrics.queue_time.observe(waited)
-    return DisconnectAwareStream(events(), on_close=stack.aclose)
+    return DisconnectAwareStream(events(waited), on_close=stack.aclose)
 
 
 # ---- completions ----------------------------------------------------------------------------
@@ -111,13 +113,22 @@ async def create_completion(
     tok = llm.tokenizer
     prompts = completion_prompts(llm, req.prompt)
     max_tokens = check_prompts(llm, prompts, req.max_tokens, req.n)
-    params = sampling_params(req, max_tokens, req.logprobs)
     k = req.logprobs or 0
+    # echo + logprobs: the prompt's tokens get logprobs too (position 0: null, as OpenAI's)
+    echo_logprobs = req.echo and req.logprobs is not None
+    params = sampling_params(req, max_tokens, req.logprobs, k if echo_logprobs else None)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [tok.decode(p) if tok is not None else "" for p in prompts] if req.echo else None
 
     def head(choice: Choice) -> str:
         return echo[choice.index // req.n] if echo else ""
+
+    def head_entries(run: Run, choice: Choice) -> list[tuple[int, dict[int, float] | None]]:
+        if not echo_logprobs:
+            return []
+        i = choice.index // req.n
+        lps = run.prompt_logprobs[i] or [None] * len(prompts[i])
+        return list(zip(prompts[i], lps, strict=False))
 
     def body(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         model = req.model or state.served_model_name
@@ -125,32 +136,34 @@ async def create_completion(
                 "model": model, "choices": choices, **extra}  # fmt: skip
 
     async with state.admission.slot(len(prompts) * req.n) as waited:
-        state.metrics.queue_time.observe(waited)
-        run = Run(state.engine, state.metrics, prompts, params, lora)
+        run = Run(state.engine, state.metrics, prompts, params, lora, waited)
         if not req.stream:
             await _collect(run, request)
             choices = []
             for c in run.choices:
                 lp = None
                 if req.logprobs is not None:
-                    lp = completion_logprobs(tok, c.logprobs, k, 0)
+                    lp = completion_logprobs(tok, head_entries(run, c) + c.logprobs, k, 0)
                 choices.append({"index": c.index, "text": head(c) + c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason})  # fmt: skip
             return JSONResponse(body(choices, usage=run.usage()))
 
-    async def events() -> AsyncIterator[str]:
-        run = Run(state.engine, state.metrics, prompts, params, lora)
+    async def events(waited: float) -> AsyncIterator[str]:
+        run = Run(state.engine, state.metrics, prompts, params, lora, waited)
         sent = [0] * len(run.choices)  # text offsets, for logprobs
         try:
             async for choice, delta in run.deltas():
-                text = delta.text
+                text, entries = delta.text, []
+                start = sent[choice.index]  # text offset of the first logprobs entry
                 if echo and choice.index not in echoed:
                     echoed.add(choice.index)
                     text = head(choice) + text
+                    entries = head_entries(run, choice)  # from offset 0 when echoed with logprobs
+                    if not entries:
+                        start += len(text) - len(delta.text)
                 lp = None
                 if req.logprobs is not None:
-                    entries = list(zip(delta.token_ids, delta.logprobs or [], strict=False))
-                    start = sent[choice.index] + len(text) - len(delta.text)
+                    entries += list(zip(delta.token_ids, delta.logprobs or [], strict=False))
                     lp = completion_logprobs(tok, entries, k, start)
                 sent[choice.index] += len(text)
                 yield _sse(body([{"index": choice.index, "text": text, "logprobs": lp,
@@ -191,8 +204,7 @@ async def create_chat_completion(
 
     if not req.stream:
         async with state.admission.slot(req.n) as waited:
-            state.metrics.queue_time.observe(waited)
-            run = Run(state.engine, state.metrics, [prompt], params, lora)
+            run = Run(state.engine, state.metrics, [prompt], params, lora, waited)
             await _collect(run, request)
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -202,8 +214,8 @@ async def create_chat_completion(
         ]  # fmt: skip
         return JSONResponse(body("chat.completion", choices, usage=run.usage()))
 
-    async def events() -> AsyncIterator[str]:
-        run = Run(state.engine, state.metrics, [prompt], params, lora)
+    async def events(waited: float) -> AsyncIterator[str]:
+        run = Run(state.engine, state.metrics, [prompt], params, lora, waited)
         try:
             for c in run.choices:
                 first = {"index": c.index, "delta": {"role": "assistant", "content": ""},

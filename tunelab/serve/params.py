@@ -92,19 +92,17 @@ def _refuse_unsupported(req: _Sampling) -> None:
             )
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported; use n instead.", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs prompt logprobs, which the streaming engine does not "
-                "return yet: use echo or logprobs, not both.",
-                "echo",
-            )
     if isinstance(req, ChatCompletionRequest) and req.tools:
         raise APIError(400, "tools / function calling is not supported by this server.", "tools")
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """The engine's parameters for ``req`` (ranges were checked by the protocol models)."""
+def sampling_params(
+    req: _Sampling, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
+    """The engine's parameters for ``req`` (ranges were checked by the protocol models).
+
+    ``prompt_logprobs``: top-k logprobs of the prompt tokens too (completions' echo + logprobs).
+    """
     _refuse_unsupported(req)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
@@ -126,6 +124,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> Sa
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except TunelabError as e:
         raise APIError(400, str(e)) from None

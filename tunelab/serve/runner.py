@@ -44,8 +44,11 @@ class Run:
         prompts: list[list[int]],
         params: SamplingParams,
         lora: str | None = None,
+        admission_wait: float = 0.0,
     ):
+        """``admission_wait``: seconds the request waited for a server slot (queue time)."""
         self.engine, self.metrics = engine, metrics
+        self.admission_wait = admission_wait
         self.prompts, self.params, self.lora = prompts, params, lora
         self.n = params.n
         self.choices = [Choice(i) for i in range(len(prompts) * params.n)]
@@ -53,6 +56,8 @@ class Run:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.finished: set[int] = set()  # prompt indexes whose engine request ended
+        # per prompt: logprobs of its tokens (position 0 None), when params.prompt_logprobs
+        self.prompt_logprobs: list[list[dict[int, float] | None] | None] = [None] * len(prompts)
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,6 +122,10 @@ class Run:
 
     def _update(self, i: int, delta: StreamDelta) -> Choice:
         choice = self.choices[i * self.n + delta.index]
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = delta.prompt_logprobs
+        if delta.queue_time is not None:  # the engine request's first delta
+            self.metrics.queue_time.observe(self.admission_wait + delta.queue_time)
         if delta.finish_reason == "error":
             status = 400 if choice.num_tokens == 0 else 500
             raise APIError(status, delta.error or "the engine refused the request")
