@@ -25,7 +25,7 @@ from tunelab.engine.sequence import Sequence
 from tunelab.errors import TunelabError
 from tunelab.models.decoder import Decoder
 from tunelab.models.lora import LoraConfig, candidate_linears, lora_modules, select_targets
-from tunelab.models.peft_io import _KEY, _read_adapter_weights, read_adapter_config
+from tunelab.models.peft_io import lora_key_parts, read_adapter_config, read_adapter_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def read_adapter(
     try:
         cfg = read_adapter_config(path)
         targets = select_targets(model, cfg.targets)
-        raw = _read_adapter_weights(path)
+        raw = read_adapter_weights(path)
     except TunelabError as e:
         raise TunelabError(f"{where}: {e}") from None
     if cfg.rank > max_rank:
@@ -74,13 +74,13 @@ def read_adapter(
         )
     weights: dict[tuple[str, str], torch.Tensor] = {}
     for key, tensor in raw.items():
-        match = _KEY.match(key)
-        if match is None or match["module"] not in linears:
+        parts = lora_key_parts(key)
+        if parts is None or parts[0] not in linears:
             raise TunelabError(
                 f"{where}: tensor {key} names no LoRA layer of this model (layers look like "
                 f"{next(iter(linears))}); the adapter was made for another model."
             )
-        module, ab = match["module"], match["ab"]
+        module, ab = parts
         base = linears[module]
         want = (cfg.rank, base.in_features) if ab == "A" else (base.out_features, cfg.rank)
         if tuple(tensor.shape) != want:

@@ -28,7 +28,12 @@ def export_peft(
     from tunelab.models.decoder import Decoder
     from tunelab.models.hf_fallback import meta_hf_model, needs_fallback
     from tunelab.models.lora import lora_modules
-    from tunelab.models.peft_io import _KEY, _read_adapter_weights, load_adapter, write_adapter
+    from tunelab.models.peft_io import (
+        load_adapter,
+        lora_key_parts,
+        read_adapter_weights,
+        write_adapter,
+    )
 
     out, adapter_dir = Path(out), Path(adapter_dir)
     if out.exists() and not overwrite:
@@ -42,9 +47,8 @@ def export_peft(
             decoder = Decoder(ModelConfig.from_file(base_dir / "config.json"))
     cfg = load_adapter(decoder, adapter_dir)  # every name and shape checked against the base
     stored = {}
-    for key, tensor in _read_adapter_weights(adapter_dir).items():
-        match = _KEY.match(key)
-        stored[(match["module"], match["ab"])] = tensor  # load_adapter vetted every key
+    for key, tensor in read_adapter_weights(adapter_dir).items():
+        stored[lora_key_parts(key)] = tensor  # load_adapter vetted every key
     for name, module in lora_modules(decoder).items():
         module.lora_A.weight = nn.Parameter(stored[(name, "A")], requires_grad=False)
         module.lora_B.weight = nn.Parameter(stored[(name, "B")], requires_grad=False)

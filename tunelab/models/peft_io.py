@@ -145,7 +145,14 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     )
 
 
-def _read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def lora_key_parts(key: str) -> tuple[str, str] | None:
+    """``(module name, "A" | "B")`` of a PEFT LoRA tensor name, or None for any other tensor."""
+    match = _KEY.match(key)
+    return (match["module"], match["ab"]) if match else None
+
+
+def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter directory (safetensors, or the older .bin), on the CPU."""
     st, bin_ = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_WEIGHTS_BIN
     try:
         if st.is_file():
@@ -170,7 +177,7 @@ def load_adapter(model: Decoder, adapter_dir: str | Path) -> LoraConfig:
     targets = select_targets(model, cfg.targets)
     linears = candidate_linears(model)
     weights = {}
-    for key, tensor in _read_adapter_weights(adapter_dir).items():
+    for key, tensor in read_adapter_weights(adapter_dir).items():
         match = _KEY.match(key)
         if match is None or match["module"] not in linears:
             raise TunelabError(
