@@ -121,9 +121,8 @@ def _delta(req: Request, seq: Sequence) -> StreamDelta:
         first = req.seqs[0]
         if first.prompt_logprobs is not None:
             delta.prompt_logprobs = list(first.prompt_logprobs)
-        scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time]
-        if scheduled:
-            delta.queue_time = min(scheduled) - req.arrival_time
+        if req.first_scheduled_time is not None:
+            delta.queue_time = req.first_scheduled_time - req.arrival_time
     return delta
 
 
@@ -149,13 +148,12 @@ def request_output(req: Request, tokenizer: Any | None) -> RequestOutput:
         )
     firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
     ends = [s.finished_time for s in req.seqs if s.finished_time is not None]
-    scheduled = [s.first_scheduled_time for s in req.seqs if s.first_scheduled_time is not None]
     metrics = RequestMetrics(
         req.arrival_time,
         min(firsts) if firsts else None,
         max(ends) if req.finished and ends else None,
         req.seqs[0].num_cached_tokens,
-        min(scheduled) if scheduled else None,
+        req.first_scheduled_time,
     )
     return RequestOutput(
         req.request_id, req.prompt_ids, outputs, metrics, req.seqs[0].prompt_logprobs, req.error

@@ -129,3 +129,9 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def first_scheduled_time(self) -> float | None:
+        """When the first of its sequences left the waiting queue (None: not yet)."""
+        times = [s.first_scheduled_time for s in self.seqs if s.first_scheduled_time is not None]
+        return min(times) if times else None
