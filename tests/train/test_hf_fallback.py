@@ -187,8 +187,11 @@ def test_full_gradients_match_transformers(tiny_hf, chats, tmp_path, arch):
     assert abs(row["loss"] - out.loss.item()) <= REL * out.loss.item()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     assert set(grads) == set(ref_grads)
+    # 3e-4: the attention gradients of these random tiny models amplify roundoff; on phi,
+    # transformers' own sdpa and eager paths differ by 4e-5 in fp32 (3e-5 even in fp64), and
+    # ours vs HF reached 1.2e-4 on an AVX-512 Xeon (3e-5 elsewhere).
     for name, g in grads.items():
-        assert_rel_close(g, ref_grads[name], name, rel=1e-4)
+        assert_rel_close(g, ref_grads[name], name, rel=3e-4)
 
 
 def test_full_and_freeze_write_a_transformers_model(tiny_hf, chats, tmp_path):
