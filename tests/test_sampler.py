@@ -130,3 +130,70 @@ def test_incomplete_utf8_is_held_back():
     assert stream.add(ord("a")) == "a"
     assert stream.add(1000) == ""
     assert stream.add(1001) == "é"
+
+
+def _stream_text(tokenizer, ids: list[int], stop: list[str] | None = None) -> tuple[str, str]:
+    stream = TextStream(tokenizer, stop)
+    shown = ""
+    for t in ids:
+        shown += stream.add(t)
+        if stream.stopped:
+            break
+    return shown + stream.finish(), stream.text
+
+
+def test_incremental_decode_equals_full_decode_on_real_tokenizers(tiny_tokenizer):
+    """Byte-level BPE split inside multi-byte characters, special tokens, long outputs."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    text = "Grüße, 東京 ☃ naïve café — ok! " * 3 + "plain ascii tail"
+    ids = tok.encode(text, add_special_tokens=False)
+    ids = [*ids[:5], tok.eos_token_id, *ids[5:]]  # a special token inside is skipped
+    expected = tok.decode(ids, skip_special_tokens=True)
+    assert _stream_text(tok, ids) == (expected, expected)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # random ids: arbitrary byte sequences, incomplete characters
+        ids = torch.randint(0, len(tok), (60,), generator=g).tolist()
+        expected = tok.decode(ids, skip_special_tokens=True)
+        assert _stream_text(tok, ids)[0] == expected
+
+
+def test_stop_string_found_with_incremental_decode(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    ids = tok.encode("café one STOP two", add_special_tokens=False)
+    shown, text = _stream_text(tok, ids, stop=["STOP"])
+    assert shown == text == "café one "
+
+
+def test_long_stream_decodes_a_window_not_the_whole_output():
+    class Counting(CharTokenizer):
+        decoded = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            Counting.decoded += len(ids)
+            return super().decode(ids, skip_special_tokens)
+
+    stream = TextStream(Counting())
+    n = 2000
+    out = "".join(stream.add(ord("a") + i % 26) for i in range(n)) + stream.finish()
+    assert out == "".join(chr(ord("a") + i % 26) for i in range(n))
+    assert Counting.decoded < 4 * n  # linear: a full re-decode per token would be n^2 / 2
+
+
+def test_incremental_decode_keeps_sentencepiece_spaces():
+    """A Metaspace (SentencePiece-style) decoder drops a window's leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there"] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    ids = fast.encode("hello the lazy fox, over there", add_special_tokens=False)
+    expected = fast.decode(ids, skip_special_tokens=True)
+    assert " " in expected and _stream_text(fast, ids) == (expected, expected)

@@ -2,11 +2,20 @@
 
 Text is held back while it could still become a stop string or ends in half of a multi-byte
 character, so a streamed answer never shows text that a later token retracts.
+
+Decoding is incremental: each new token decodes a short window (the tokens since the last
+complete character boundary, plus the ones before it for context) instead of the whole
+output, so a long stream costs linear, not quadratic, time. Decoding the window with and
+without the new tokens and keeping the difference preserves what a window decode alone would
+get wrong (SentencePiece drops the leading space of a window's first token, a byte-level
+token can be half a character).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
 
 
 class TextStream:
@@ -18,26 +27,40 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""  # final text once stopped; otherwise the text emitted so far
         self.stopped = False  # a stop string was found
+        self._decoded = ""  # text of ids[:_read], complete characters only
+        self._prefix = 0  # ids[_prefix:_read] give the window's context...
+        self._read = 0  # ...and ids[_read:] the tokens not yet turned into text
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly safe text (may be empty)."""
         assert not self.stopped, "add() after a stop string"
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = self._window_delta()
+        if not new or new.endswith(REPLACEMENT):  # nothing yet, or half a character: wait
+            return ""
+        self._decoded += new
+        self._prefix, self._read = self._read, len(self.ids)
+        full = self._decoded
         cut = self._find_stop(full)
         if cut is not None:
             self.stopped = True
             return self._emit(full[:cut])
-        if full.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
-            return ""
         return self._emit(full[: len(full) - self._held_back(full)])
 
     def finish(self) -> str:
         """Flush what was held back once generation ends without a stop string."""
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(full)
+        self._decoded += self._window_delta()  # a trailing half character shows as U+FFFD
+        self._prefix = self._read = len(self.ids)
+        return self._emit(self._decoded)
+
+    def _window_delta(self) -> str:
+        """Text that ids[_read:] add after ids[_prefix:_read]."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        return after[len(before) :]
 
     def _emit(self, safe: str) -> str:
         delta = safe[len(self.text) :]
