@@ -61,11 +61,22 @@ def time_steps(step, n_warmup: int, n: int, device: torch.device) -> list[float]
     return times
 
 
+@torch.no_grad()
+def init_like_hf(model: torch.nn.Module, std: float) -> None:
+    """HF's Llama init (normal(0, initializer_range) matrices, unit norms), so both sides see
+    logits of the same spread (PyTorch's default N(0, 1) embedding, tied to the head, gives
+    logits that underflow to denormals in the softmax and would time something else)."""
+    for p in model.parameters():
+        if p.ndim == 2:
+            p.normal_(0.0, std)
+
+
 def ours(cfg, args, device, dtype, x):
     torch.manual_seed(0)
     config = ModelConfig.from_dict(cfg.to_dict())
     with torch.device(device):
         model = Decoder(config).to(dtype)
+        init_like_hf(model, cfg.initializer_range)
     model.model.rotary.reset(device)
     apply_lora(model, LoraConfig(rank=16, alpha=32, targets=TARGETS))
     for m in lora_modules(model).values():
