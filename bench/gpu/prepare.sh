@@ -14,4 +14,7 @@ mkdir -p .gpu/tokenizer
 for f in tokenizer.json tokenizer_config.json chat_template.jinja; do
   [ -f "$src/$f" ] && cp "$src/$f" .gpu/tokenizer/
 done
+# The issue's HF+PEFT reference script, run by `suite.sh train` beside ours.
+baseline=../shared/bench/hf_peft_lora_train.py
+[ -f "$baseline" ] && cp "$baseline" .gpu/
 du -sh .whl .gpu

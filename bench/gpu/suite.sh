@@ -40,7 +40,11 @@ case $stage in
   train)
     run python3 bench/train_lora.py --shape 1b --batch 4 --seq 2048 --grad-ckpt 1
     run python3 bench/train_lora.py --shape 1b --batch 2 --seq 2048 --grad-ckpt 0
-    run python3 bench/train_lora.py --shape 8b --batch 2 --seq 2048 --grad-ckpt 1 ;;
+    run python3 bench/train_lora.py --shape 8b --batch 2 --seq 2048 --grad-ckpt 1
+    if [ -f .gpu/hf_peft_lora_train.py ]; then  # the reference baseline, same call
+      BS=4 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 1b
+      BS=2 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 8b
+    fi ;;
   serve)
     run python3 bench/gpu/make_model.py 1b /tmp/llama-1b --tokenizer .gpu/tokenizer
     run python3 bench/serve_load.py --launch --model /tmp/llama-1b \
