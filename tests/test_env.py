@@ -176,6 +176,27 @@ def test_cpu_only_host_gets_a_slow_warning():
     problems = env.diagnose(report)
     assert [p.severity for p in problems] == ["warning"]
     assert "CPU" in problems[0].message
+    assert "bf16" not in problems[0].fix  # no CPU bf16 fact in the report: no AMX advice
+
+
+def test_cpu_only_host_with_amx_is_told_about_bf16():
+    report = fake_report(torch={"cuda": None}, devices=[HEALTHY["devices"][1]], device="cpu")
+    report["cpu_bf16_matmul"] = "amx"
+    (problem,) = env.diagnose(report)
+    assert "--dtype bf16" in problem.fix
+    assert "cpu bf16" in env.render_text(report, [problem])
+
+
+def test_cpu_bf16_matmul_probe_tolerates_missing_torch_probes(monkeypatch):
+    import torch
+
+    from tunelab import device as dev
+
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert dev.cpu_bf16_matmul() == "avx512_bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: 1 / 0, raising=False)
+    assert dev.cpu_bf16_matmul() is None
 
 
 @pytest.mark.parametrize(

@@ -301,6 +301,26 @@ def supports_bf16(device: DeviceLike) -> bool:
     return bool(check()) if check is not None else True
 
 
+def cpu_bf16_matmul() -> str | None:
+    """How this CPU multiplies bf16 matrices in hardware: "amx", "avx512_bf16" or None.
+
+    With AMX (Xeon Sapphire Rapids and later) bf16 inference runs about twice as fast as
+    fp32 (docs/engine.md); without either, bf16 on CPU is emulated and slower than fp32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    for name, check in (
+        ("amx", "_is_amx_tile_supported"),
+        ("avx512_bf16", "_is_avx512_bf16_supported"),
+    ):
+        probe = getattr(cpu, check, None)
+        try:
+            if probe is not None and probe():
+                return name
+        except Exception:  # private torch API: a missing or failing probe just means "unknown"
+            return None
+    return None
+
+
 def supports_fp16(device: DeviceLike) -> bool:
     """fp16 autocast works on this device type."""
     return supports("fp16_autocast", device)

@@ -143,6 +143,7 @@ def collect() -> dict:
         "torch_npu": torch_npu,
         "cann": {"home": cann_home, "version": cann_version(cann_home)},
         "devices": _devices(),
+        "cpu_bf16_matmul": dev.cpu_bf16_matmul(),
         "visible_devices": {
             var: os.environ.get(var)
             for var in (dev.visible_devices_var("cuda"), dev.visible_devices_var("npu"))
@@ -234,15 +235,21 @@ def check_cuda_visible_devices(
     )
 
 
-def check_accelerator(device_types: list[str]) -> Problem | None:
+def check_accelerator(device_types: list[str], cpu_bf16: str | None = None) -> Problem | None:
     """Nothing but the CPU: everything works, training is just slow."""
     if any(t != "cpu" for t in device_types):
         return None
-    return Problem(
-        "warning",
-        "No GPU or NPU found: training and serving run on the CPU and will be slow.",
+    fix = (
         "On NVIDIA install a CUDA build of torch; on Ascend install torch_npu and source the "
-        "CANN set_env.sh. Small models and tests are fine on CPU.",
+        "CANN set_env.sh. Small models and tests are fine on CPU."
+    )
+    if cpu_bf16 == "amx":
+        fix += (
+            " This CPU has AMX: --dtype bf16 runs generate / infer / serve about 2x faster "
+            "than the fp32 default (not bit-identical to fp32)."
+        )
+    return Problem(
+        "warning", "No GPU or NPU found: training and serving run on the CPU and will be slow.", fix
     )
 
 
@@ -271,7 +278,7 @@ def diagnose(report: dict) -> list[Problem]:
         check_transformers(report["packages"].get("transformers")),
         check_cuda_torch_on_npu_host(torch_info["version"], torch_info["cuda"], ascend_host),
         check_cuda_visible_devices(torch_info["cuda"], cuda_visible, device_types.count("cuda")),
-        check_accelerator(device_types),
+        check_accelerator(device_types, report.get("cpu_bf16_matmul")),
     ]
     problems = [p for p in found if p is not None]
     return sorted(problems, key=lambda p: p.severity != "error")
@@ -315,6 +322,7 @@ def render_text(report: dict, problems: list[Problem]) -> str:
         ("CANN", f"{cann['version'] or '?'} at {cann['home']}" if cann["home"] else "not found"),
     ]
     rows += _device_rows(report["devices"])
+    rows.append(("cpu bf16", report.get("cpu_bf16_matmul") or "no hardware bf16 matmul"))
     rows += [
         (var, value if value is not None else "(unset)")
         for var, value in report["visible_devices"].items()
