@@ -88,7 +88,9 @@ def _estimate(cfg: TrainConfig, model: nn.Module, config: Any, precision: Precis
         activations = L * per_layer
     if cfg.data.packing:  # the boolean document mask of SDPA
         activations += cfg.train.batch_size * cfg.data.max_length**2
-    logits = min(cfg.train.loss_chunk_tokens, tokens) * config.vocab_size * 4 * 3
+    # The loss keeps one chunk of logits: 16-bit logits + their fp32 copy (softmax in place)
+    # + the 16-bit gradient under autocast, i.e. two fp32-sized buffers (one in fp32).
+    logits = min(cfg.train.loss_chunk_tokens, tokens) * config.vocab_size * 4 * 2
     return MemoryEstimate(
         trainable, total, weights, trainable * 4, trainable * 8, activations, logits
     )
