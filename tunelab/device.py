@@ -305,7 +305,8 @@ def cpu_bf16_matmul() -> str | None:
     """How this CPU multiplies bf16 matrices in hardware: "amx", "avx512_bf16" or None.
 
     With AMX (Xeon Sapphire Rapids and later) bf16 inference runs about twice as fast as
-    fp32 (docs/engine.md); without either, bf16 on CPU is emulated and slower than fp32.
+    fp32 (docs/engine.md); without either, bf16 matmuls are converted in software and are
+    usually no faster than fp32.
     """
     cpu = getattr(torch, "cpu", None)
     for name, check in (
