@@ -20,3 +20,12 @@ def test_generate_throughput_tiny_runs_and_tokens_match():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens match: yes" in proc.stdout, proc.stdout
     assert "| batch | ours tok/s | hf tok/s | ours/hf |" in proc.stdout
+
+
+def test_loss_memory_bench_runs_and_ours_needs_less():
+    cmd = [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--tokens", "512"]
+    cmd += ["--vocab", "8192", "--hidden", "32", "--chunk", "512"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ours")]
+    assert len(rows) == 2, proc.stdout  # fp32 and bf16

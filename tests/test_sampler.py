@@ -197,3 +197,12 @@ def test_incremental_decode_keeps_sentencepiece_spaces():
     ids = fast.encode("hello the lazy fox, over there", add_special_tokens=False)
     expected = fast.decode(ids, skip_special_tokens=True)
     assert " " in expected and _stream_text(fast, ids) == (expected, expected)
+
+
+def test_stop_string_completed_by_held_tokens_is_cut_at_finish():
+    """ "ab" then half a character: held back; generation ends there, the stop is still cut."""
+    stream = TextStream(CharTokenizer(), stop=["b\ufffd"])
+    assert stream.add(ord("a")) == "a"
+    assert stream.add(ord("b")) == ""  # could be the start of the stop string
+    assert stream.add(1000) == ""  # half of "é": waits for the next token
+    assert stream.finish() == "" and stream.stopped and stream.text == "a"

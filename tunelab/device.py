@@ -308,12 +308,11 @@ def cpu_bf16_matmul() -> str | None:
     fp32 (docs/engine.md); without either, bf16 matmuls are converted in software and are
     usually no faster than fp32.
     """
-    cpu = getattr(torch, "cpu", None)
     for name, check in (
         ("amx", "_is_amx_tile_supported"),
         ("avx512_bf16", "_is_avx512_bf16_supported"),
     ):
-        probe = getattr(cpu, check, None)
+        probe = getattr(torch.cpu, check, None)
         try:
             if probe is not None and probe():
                 return name

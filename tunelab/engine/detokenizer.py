@@ -5,7 +5,7 @@ character, so a streamed answer never shows text that a later token retracts.
 
 Decoding is incremental: each new token decodes a short window (the tokens since the last
 complete character boundary, plus the ones before it for context) instead of the whole
-output, so a long stream costs linear, not quadratic, time. Decoding the window with and
+output, so decoding a long stream costs linear, not quadratic, time. Decoding the window with and
 without the new tokens and keeping the difference preserves what a window decode alone would
 get wrong (SentencePiece drops the leading space of a window's first token, a byte-level
 token can be half a character).
@@ -53,7 +53,9 @@ class TextStream:
             return ""
         self._decoded += self._window_delta()  # a trailing half character shows as U+FFFD
         self._prefix = self._read = len(self.ids)
-        return self._emit(self._decoded)
+        cut = self._find_stop(self._decoded)  # a stop string completed by the held tokens
+        self.stopped = cut is not None
+        return self._emit(self._decoded if cut is None else self._decoded[:cut])
 
     def _window_delta(self) -> str:
         """Text that ids[_read:] add after ids[_prefix:_read]."""
