@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tunelab.engine.block_manager import BlockManager, blocks_for
+from tunelab.engine.cpu_linear import pack_linears
 from tunelab.engine.cuda_graph import decode_graphs
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.kv_cache import PagedKVCache, activation_bytes, plan_num_blocks
@@ -50,6 +51,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs; None: on with CUDA + triton
     stream_text: bool = False  # detokenize every step (streaming) rather than at the end
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # largest LoRA adapter rank accepted
+    cpu_packed_linears: bool = True  # CPU bf16: pre-pack weights for decode (cpu_linear.py)
 
     def resolved(self, device: torch.device) -> EngineConfig:
         accel = device.type not in ("cpu", "mps")
@@ -109,6 +111,8 @@ class LLMEngine:
             reserve,
         )
         cache = PagedKVCache(model.config, num_blocks, cfg.block_size, self.device, model.dtype)
+        if cfg.cpu_packed_linears:  # before LoRA wraps any layer: the wrappers reuse the packing
+            pack_linears(model)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, cache, backend, self.eos_token_ids)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunelab.engine.cpu_linear import PackedLinear
 from tunelab.engine.lora_layers import LoraStep, MultiLoraLinear
 from tunelab.engine.sequence import Sequence
 from tunelab.errors import TunelabError
@@ -171,7 +172,7 @@ class LoraRegistry:
         layer = self.layers.get(module)
         if layer is None:
             base = self.linears[module]
-            if type(base) is not nn.Linear:
+            if type(base) not in (nn.Linear, PackedLinear):
                 raise TunelabError(
                     f"cannot apply LoRA adapters to {module}: it is a {type(base).__name__}, "
                     "not a plain linear layer (serve adapters on an unquantized model)."

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.engine.cpu_linear import linear as base_linear
+
 Rows = slice | torch.Tensor  # a contiguous range of rows, or their indices (int64)
 
 
@@ -61,6 +63,7 @@ class MultiLoraLinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        self.packed = getattr(base, "packed", None)  # a PackedLinear's packed weight (CPU bf16)
         self.step = step
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         # (slots, rank, in) and (slots, out, rank); not in state_dict (they are not the model's)
@@ -73,7 +76,7 @@ class MultiLoraLinear(nn.Linear):
         return f"{super().extra_repr()}, adapters={loaded}, rank={self.lora_a.shape[1]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = base_linear(x, self)
         groups = self.step.groups
         if not groups:
             return out

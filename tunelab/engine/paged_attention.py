@@ -78,6 +78,17 @@ def decode_groups(lens: list[int], max_groups: int = 4, min_size: int = 8) -> li
     return groups
 
 
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA's additive one (0 / -inf) in the queries' dtype.
+
+    Same result as the boolean mask, but SDPA uses it as is: a boolean one is converted on
+    every call, i.e. once per layer (measured 70 us of 250 per CPU decode call).
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
 class PagedAttentionBackend(Protocol):
     """Makes the per-step attention context; one instance lives as long as the engine."""
 
@@ -176,11 +187,13 @@ class SdpaPagedAttention:
         values = self._gather(vc, group, num_keys)
         # Query heads of one kv head become that head's "query rows": no kv expansion needed.
         qg = q[0].transpose(0, 1).reshape(nd, n_kv, H // n_kv, D)
-        mask = self._decode_mask(group, window, num_keys, q.device)
+        mask = self._decode_mask(group, window, num_keys, q.device, q.dtype)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.reshape(nd, H, D).transpose(0, 1)[None]  # (1, H, nd, D)
 
-    def _decode_mask(self, group: range, window: int | None, num_keys: int, device) -> AttnMask:
+    def _decode_mask(
+        self, group: range, window: int | None, num_keys: int, device, dtype
+    ) -> AttnMask:
         key = (-1 - group.start, window)  # negative: prefill entries use their index >= 0
         if key not in self._masks:
             lens = self.meta.context_lens[group.start : group.stop]
@@ -190,7 +203,7 @@ class SdpaPagedAttention:
             if window is not None:
                 allowed &= j > ctx - 1 - window
             all_visible = min(lens) == num_keys and (window is None or window >= num_keys)
-            self._masks[key] = None if all_visible else allowed[:, None, None, :]
+            self._masks[key] = None if all_visible else additive(allowed[:, None, None, :], dtype)
         return self._masks[key]
 
     def _prefill(self, i, window, q, k, v, kc, vc):
@@ -209,5 +222,5 @@ class SdpaPagedAttention:
                 self._masks[key] = CAUSAL
             else:
                 pos = torch.arange(start, ctx, device=q.device)[None]
-                self._masks[key] = build_mask(pos, None, ctx, window)
+                self._masks[key] = additive(build_mask(pos, None, ctx, window), q.dtype)
         return _dense(qi, keys, values, self._masks[key])
