@@ -124,3 +124,42 @@ def test_empty_or_malformed_conversations_are_clear_errors(tiny_llm):
         encode_chat(tok, [])
     with pytest.raises(TunelabError, match="role"):
         encode_chat(tok, [{"content": "hi"}])
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(tiny_llm, monkeypatch):
+    import pytest
+
+    from tunelab.engine import async_engine
+    from tunelab.errors import TunelabError
+
+    llm = tiny_llm("llama")
+    engine = AsyncEngine(llm.engine)
+    run = llm.engine.runner.run
+    failures = {"left": 1}
+
+    def flaky(batch):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("simulated kernel failure")
+        return run(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", flaky)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        async with engine:
+            with pytest.raises(TunelabError, match=r"engine step failed.*simulated kernel"):
+                await collect(engine.add_request([5, 6, 7], params))
+            bm = llm.engine.block_manager
+            assert not llm.engine.requests and bm.num_free_blocks == bm.num_blocks
+            _, tokens, _ = await collect(engine.add_request([5, 6, 7], params))
+            assert len(tokens) == 3 and engine.error is None  # recovered
+            failures["left"] = async_engine.MAX_FAILED_STEPS  # a device that stays broken
+            for _ in range(async_engine.MAX_FAILED_STEPS):
+                with pytest.raises(TunelabError):
+                    await collect(engine.add_request([5, 6, 7], params))
+            assert engine.error is not None  # stopped for good: the server reports 503
+            with pytest.raises(TunelabError, match="stopped after an error"):
+                await collect(engine.add_request([5, 6, 7], params))
+
+    asyncio.run(main())

@@ -46,6 +46,23 @@ def test_bad_prompts_fail_alone(tiny_llm, prompt, message):
     assert len(outs[1].outputs[0].token_ids) == 4
 
 
+def test_stop_token_id_outside_the_vocabulary_fails_alone(tiny_llm):
+    llm = tiny_llm("llama")  # vocab 416; min_tokens is what turns stop ids into banned logits
+    bad = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[99999])
+    outs = llm.generate([[5, 6, 7], [5, 6, 7]], [bad, GREEDY])
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert "stop token id 99999 is outside the vocabulary" in outs[0].error
+    assert len(outs[1].outputs[0].token_ids) == 4
+
+
+def test_text_with_a_lone_surrogate_fails_alone(tiny_llm):
+    llm = tiny_llm("llama")
+    chat = [{"role": "user", "content": "hi \ud800"}]
+    outs = llm.generate(["bad \udfff text", chat, [5, 6, 7]], GREEDY)
+    assert "lone UTF-16 surrogate" in outs[0].error and "lone UTF-16 surrogate" in outs[1].error
+    assert len(outs[2].outputs[0].token_ids) == 4
+
+
 def test_params_list_must_match_prompts(tiny_llm):
     with pytest.raises(TunelabError, match="one per prompt"):
         tiny_llm("llama").generate([[1, 2], [3, 4]], [GREEDY])

@@ -63,6 +63,33 @@ def test_infer_rejects_bad_adapters_and_bad_lines(make_tiny_model, tmp_path):
         read_records(src)
 
 
+def test_resume_reads_outputs_holding_unicode_line_separators(make_tiny_model, tmp_path):
+    """U+2028 / U+0085 are written raw (ensure_ascii=False); they are not line ends."""
+    model = str(make_tiny_model("llama"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": 1, "prompt": "x"}, {"id": 2, "prompt": "y"}])
+    line = {"id": "1", "output": "a\u2028b\u0085c\u2029", "finish_reason": "length"}
+    out.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False) == 1
+    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False) == 0
+
+
+def test_a_foreign_line_in_the_output_is_a_clear_error(make_tiny_model, tmp_path):
+    model = str(make_tiny_model("llama"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": 1, "prompt": "x"}])
+    out.write_text("not json\n" + json.dumps({"id": "1"}) + "\n")
+    with pytest.raises(TunelabError, match=r"out.jsonl:1 is not a result line"):
+        run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False)
+
+
+def test_a_record_with_a_lone_surrogate_names_its_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": "bad \\ud800"}\n')
+    with pytest.raises(TunelabError, match=r"in.jsonl:2 holds an invalid character"):
+        read_records(src)
+
+
 def test_infer_verb_through_the_cli(make_tiny_model, tmp_path):
     from tunelab.cli import main
 

@@ -142,12 +142,43 @@ def _error(resp: httpx.Response, status: int) -> dict:
         ('{"model": "tiny", "prompt": [99999]}', 400, "vocabulary"),
         ('{"model": "tiny", "prompt": []}', 400, "empty"),
         ('{"model": "tiny", "prompt": "x", "min_tokens": 9, "max_tokens": 2}', 400, "min_tokens"),
+        (
+            '{"model": "tiny", "prompt": "x", "min_tokens": 1, "stop_token_ids": [99999]}',
+            400,
+            "stop token id 99999",
+        ),
+        ('{"model": "tiny", "prompt": "x\\ud800"}', 400, "surrogate"),
+        ('{"model": "tiny\\udfff", "prompt": "x"}', 400, "surrogate"),
     ],
 )
 def test_error_shapes(server, body, status, needle):
     resp = httpx.post(server.url + "/v1/completions", content=body,
                       headers={"content-type": "application/json"})  # fmt: skip
     assert needle in _error(resp, status)["message"]
+
+
+def test_nulls_mean_the_defaults(server):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": None, "n": None,
+            "logprobs": None, "presence_penalty": None, "frequency_penalty": None}  # fmt: skip
+    resp = httpx.post(server.url + "/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["choices"]) == 1
+    chat = {"model": "tiny", "messages": CHAT, "max_tokens": 2, "logprobs": None, "n": None}
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_bad_requests_leave_the_server_healthy(server):
+    """A stop id outside the vocabulary once stopped the engine loop for every client."""
+    bad = {"model": "tiny", "prompt": "x", "min_tokens": 1, "stop_token_ids": [99999]}
+    for stream in (False, True):
+        _error(httpx.post(server.url + "/v1/completions", json={**bad, "stream": stream}), 400)
+    chat = '{"model": "tiny", "messages": [{"role": "user", "content": "x\\ud800"}]}'
+    resp = httpx.post(server.url + "/v1/chat/completions", content=chat,
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert "surrogate" in _error(resp, 400)["message"]
+    ok = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", json=ok).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_chat_errors(server, client):
@@ -167,6 +198,11 @@ def test_tokenize_roundtrip(server):
     text = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
     assert "hello" in text
     _error(httpx.post(server.url + "/detokenize", json={"tokens": [-1]}), 400)
+    with_prompt, without = (
+        httpx.post(server.url + "/tokenize", json={"messages": CHAT, "add_generation_prompt": g})
+        for g in (True, False)
+    )
+    assert len(with_prompt.json()["tokens"]) > len(without.json()["tokens"])
 
 
 def test_api_key(launch):
@@ -175,6 +211,8 @@ def test_api_key(launch):
     assert _error(resp, 401)["code"] == "invalid_api_key"
     bad = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
     _error(bad, 401)
+    latin1 = httpx.get(server.url + "/v1/models", headers=[(b"authorization", b"Bearer caf\xe9")])
+    _error(latin1, 401)  # not a 500 from comparing non-ASCII text
     ok = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
     assert ok.models.list().data[0].id == "tiny"
     assert httpx.get(server.url + "/health").status_code == 200  # probes stay open

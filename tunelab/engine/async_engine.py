@@ -34,6 +34,10 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
+# A step that raises fails the requests in flight and the loop goes on; this many failed
+# steps in a row (a broken device, not a bad request) stop it for good.
+MAX_FAILED_STEPS = 3
+
 
 @dataclass
 class _Add:
@@ -69,6 +73,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._failed_steps = 0  # consecutive steps that raised
 
     @classmethod
     def from_pretrained(
@@ -166,6 +171,8 @@ class AsyncEngine:
         try:
             while not finished:
                 delta = await add.deltas.get()
+                if isinstance(delta, TunelabError):
+                    raise delta
                 if isinstance(delta, BaseException):
                     raise TunelabError(f"the engine loop failed: {delta}") from delta
                 finished = delta.finished
@@ -195,7 +202,13 @@ class AsyncEngine:
                     except queue.Empty:
                         command = False
                 if engine.has_unfinished():
-                    for delta in engine.step():
+                    try:
+                        deltas = engine.step()
+                    except Exception as e:
+                        self._step_failed(e)
+                        continue
+                    self._failed_steps = 0
+                    for delta in deltas:
                         self._deliver(delta)
         except BaseException as e:  # surface the failure to every waiting stream
             log.exception("engine loop failed")
@@ -210,6 +223,22 @@ class AsyncEngine:
                     break
                 if isinstance(command, _Call):
                     command.result.set_exception(TunelabError(f"the engine loop failed: {e}"))
+
+    def _step_failed(self, e: Exception) -> None:
+        """Fail every request in flight (which one broke the step is unknown) and free them;
+        re-raise once steps keep failing."""
+        self._failed_steps += 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise e
+        log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
+        engine = self.engine
+        for request_id in list(engine.requests):
+            engine.abort(request_id)
+            engine.pop_output(request_id)
+        error = TunelabError(f"the engine step failed ({type(e).__name__}: {e})")
+        for add in self._streams.values():
+            add.loop.call_soon_threadsafe(add.deltas.put_nowait, error)
+        self._streams.clear()
 
     def _apply(self, command: _Add | _Abort | _Call) -> None:
         engine = self.engine

@@ -22,6 +22,7 @@ import torch
 
 from tunelab.engine.llm_engine import EngineConfig, LLMEngine
 from tunelab.engine.outputs import RequestOutput
+from tunelab.engine.prompts import check_text
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
 
@@ -132,6 +133,7 @@ def read_records(path: Path) -> list[dict]:
                 raise TunelabError(
                     f'{where}: each line needs an "id" (and "prompt" or "messages").'
                 )
+            _check_strings(record, where)
             has_prompt = isinstance(record.get("prompt"), str)
             has_messages = isinstance(record.get("messages"), list)
             if has_prompt == has_messages:
@@ -149,6 +151,19 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def _check_strings(value, where: str) -> None:
+    """Every string in a record is valid Unicode (JSON allows lone surrogates: "\\ud800")."""
+    if isinstance(value, str):
+        check_text(value, where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k, where)
+            _check_strings(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v, where)
+
+
 def finished_ids(path: Path) -> set[str]:
     """Ids already written to ``path``; a torn last line (a crash mid-write) is cut off."""
     if not path.exists():
@@ -163,9 +178,17 @@ def finished_ids(path: Path) -> set[str]:
             os.fsync(f.fileno())
         data = data[:keep]
     ids = set()
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
+    # split("\n"), not splitlines(): outputs may hold U+2028 / U+0085, which it splits on too
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
             ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise TunelabError(
+                f"{path}:{lineno} is not a result line of tunelab infer (no JSON with an "
+                '"id"): point --output at a new file, or delete that line to resume.'
+            ) from None
     return ids
 
 

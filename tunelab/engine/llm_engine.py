@@ -230,6 +230,11 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                 f"{self.context}: shorten the prompt."
             )
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise TunelabError(
+                f"stop token id {bad} is outside the vocabulary (0..{vocab - 1}): drop it."
+            )
         bm = self.block_manager
         per_seq = min(len(prompt_ids) + params.max_tokens, self.context)
         if params.n * blocks_for(per_seq, bm.block_size) > bm.num_blocks:

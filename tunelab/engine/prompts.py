@@ -19,7 +19,7 @@ def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         return encode_chat(tokenizer, prompt)
     if isinstance(prompt, str):
-        return _require(tokenizer, "text prompts")(prompt)["input_ids"]
+        return _require(tokenizer, "text prompts")(check_text(prompt, "the prompt"))["input_ids"]
     if isinstance(prompt, list) and not prompt:
         raise TunelabError("the prompt is empty: give at least one token.")
     raise TunelabError(
@@ -28,8 +28,11 @@ def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
     )
 
 
-def encode_chat(tokenizer: Any | None, messages: Messages) -> list[int]:
-    """Render ``messages`` with the tokenizer's chat template, ready for the answer."""
+def encode_chat(
+    tokenizer: Any | None, messages: Messages, add_generation_prompt: bool = True
+) -> list[int]:
+    """Render ``messages`` with the tokenizer's chat template, by default ready for the answer
+    (``add_generation_prompt``: the assistant turn's opening)."""
     tokenizer = _require(tokenizer, "chat messages")
     if not messages:
         raise TunelabError("the conversation is empty: send at least one message.")
@@ -41,10 +44,25 @@ def encode_chat(tokenizer: Any | None, messages: Messages) -> list[int]:
             "instead of messages."
         )
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except TemplateError as e:  # the template's own checks (roles must alternate...)
         raise TunelabError(f"the chat template rejected the messages: {e}") from None
+    text = check_text(text, "the messages")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (e.g. from JSON "\\ud800") raises."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TunelabError(
+            f"{what} holds an invalid character {text[e.start]!r} at offset {e.start} (a lone "
+            "UTF-16 surrogate, not Unicode text): fix or drop it."
+        ) from None
+    return text
 
 
 def is_single_prompt(prompts: Any) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from tunelab.serve.errors import APIError
+
+DISCONNECT_POLL_S = 0.05  # how often a queued request checks that its client is still there
 
 
 class Admission:
@@ -33,8 +35,14 @@ class Admission:
         return len(self.waiters)
 
     @asynccontextmanager
-    async def slot(self, n: int) -> AsyncIterator[float]:
-        """Hold ``n`` slots for the body; yields the seconds spent waiting for them."""
+    async def slot(
+        self, n: int, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[float]:
+        """Hold ``n`` slots for the body; yields the seconds spent waiting for them.
+
+        ``is_disconnected`` (the request's): polled while queued, so a client that gives up
+        leaves the queue (499) instead of holding a place nobody waits for.
+        """
         n = min(n, self.slots)
         start = time.perf_counter()
         if self.free >= n and not self.waiters:
@@ -55,17 +63,26 @@ class Admission:
             entry = (n, fut)
             self.waiters.append(entry)
             try:
-                await fut
-            except asyncio.CancelledError:
+                await self._wait(fut, is_disconnected)
+            except (asyncio.CancelledError, APIError):
                 if entry in self.waiters:
                     self.waiters.remove(entry)
                 elif fut.done() and not fut.cancelled():
-                    self._release(n)  # granted just as we were cancelled
+                    self._release(n)  # granted just as we gave up
                 raise
         try:
             yield time.perf_counter() - start
         finally:
             self._release(n)
+
+    @staticmethod
+    async def _wait(fut: asyncio.Future, is_disconnected) -> None:
+        if is_disconnected is None:
+            return await fut
+        while not fut.done():
+            await asyncio.wait([fut], timeout=DISCONNECT_POLL_S)
+            if not fut.done() and await is_disconnected():
+                raise APIError(499, "client disconnected while queued")
 
     def _release(self, n: int) -> None:
         self.free += n

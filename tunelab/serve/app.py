@@ -101,7 +101,9 @@ def create_app(
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+        # bytes: compare_digest refuses non-ASCII str (headers arrive decoded as latin-1)
+        given = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key.encode()):
             raise APIError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
@@ -156,7 +158,7 @@ def create_app(
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'.", "prompt")
         if req.messages is not None:
-            ids = chat_prompt(llm, message_dicts(req.messages))
+            ids = chat_prompt(llm, message_dicts(req.messages), req.add_generation_prompt)
         else:
             ids = llm.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         return {"tokens": list(ids), "count": len(ids), "max_model_len": llm.context}

@@ -48,6 +48,8 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
     """The OpenAI error object."""
     err_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    # A message quoting the client's text may hold lone surrogates, which JSON can't encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 

@@ -92,13 +92,15 @@ async def _collect(run: Run, request: Request) -> None:
     work.result()
 
 
-async def _stream(state: Any, n: int, events: Callable[[float], AsyncIterator[str]]):
+async def _stream(
+    state: Any, n: int, events: Callable[[float], AsyncIterator[str]], request: Request
+):
     """Take the admission slots first (so a full queue is a 429, not a broken stream).
 
     ``events(waited)`` makes the SSE chunks; ``waited``: seconds spent waiting for the slots.
     """
     stack = AsyncExitStack()
-    waited = await stack.enter_async_context(state.admission.slot(n))
+    waited = await stack.enter_async_context(state.admission.slot(n, request.is_disconnected))
     return DisconnectAwareStream(events(waited), on_close=stack.aclose)
 
 
@@ -112,7 +114,7 @@ async def create_completion(
     llm = state.engine.engine
     tok = llm.tokenizer
     prompts = completion_prompts(llm, req.prompt)
-    max_tokens = check_prompts(llm, prompts, req.max_tokens, req.n)
+    max_tokens = check_prompts(llm, prompts, req.max_tokens, req.n, req.stop_token_ids)
     k = req.logprobs or 0
     # echo + logprobs: the prompt's tokens get logprobs too (position 0: null, as OpenAI's)
     echo_logprobs = req.echo and req.logprobs is not None
@@ -135,7 +137,7 @@ async def create_completion(
         return {"id": rid, "object": "text_completion", "created": created,
                 "model": model, "choices": choices, **extra}  # fmt: skip
 
-    async with state.admission.slot(len(prompts) * req.n) as waited:
+    async with state.admission.slot(len(prompts) * req.n, request.is_disconnected) as waited:
         run = Run(state.engine, state.metrics, prompts, params, lora, waited)
         if not req.stream:
             await _collect(run, request)
@@ -175,7 +177,7 @@ async def create_completion(
         yield "data: [DONE]\n\n"
 
     echoed: set[int] = set()
-    return await _stream(state, len(prompts) * req.n, events)
+    return await _stream(state, len(prompts) * req.n, events, request)
 
 
 # ---- chat completions -----------------------------------------------------------------------
@@ -190,7 +192,7 @@ async def create_chat_completion(
     prompt = chat_prompt(llm, message_dicts(req.messages))
     max_tokens = req.max_completion_tokens
     max_tokens = req.max_tokens if max_tokens is None else max_tokens
-    max_tokens = check_prompts(llm, [prompt], max_tokens, req.n)
+    max_tokens = check_prompts(llm, [prompt], max_tokens, req.n, req.stop_token_ids)
     k = req.top_logprobs or 0
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true.", "top_logprobs")
@@ -203,7 +205,7 @@ async def create_chat_completion(
                 "choices": choices, **extra}  # fmt: skip
 
     if not req.stream:
-        async with state.admission.slot(req.n) as waited:
+        async with state.admission.slot(req.n, request.is_disconnected) as waited:
             run = Run(state.engine, state.metrics, [prompt], params, lora, waited)
             await _collect(run, request)
         choices = [
@@ -236,4 +238,4 @@ async def create_chat_completion(
             yield sse_error(e)
         yield "data: [DONE]\n\n"
 
-    return await _stream(state, req.n, events)
+    return await _stream(state, req.n, events, request)

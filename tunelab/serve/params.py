@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.engine.block_manager import blocks_for
-from tunelab.engine.prompts import encode_chat
+from tunelab.engine.prompts import encode_chat, encode_prompt
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
 from tunelab.serve.errors import APIError
@@ -29,24 +29,42 @@ def completion_prompts(llm: Any, prompt: Any) -> list[list[int]]:
         if isinstance(p, str):
             if llm.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send token ids.", "prompt")
-            out.append(list(llm.tokenizer(p)["input_ids"]))
+            try:
+                out.append(list(encode_prompt(llm.tokenizer, p)))
+            except TunelabError as e:
+                raise APIError(400, str(e), "prompt") from None
         else:
             out.append(list(p))
     return out
 
 
-def chat_prompt(llm: Any, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt(
+    llm: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+) -> list[int]:
     if not messages:
         raise APIError(400, "messages is empty: give at least one message.", "messages")
     try:
-        return encode_chat(llm.tokenizer, messages)
+        return encode_chat(llm.tokenizer, messages, add_generation_prompt)
     except (TunelabError, ValueError) as e:  # ValueError: transformers' own template checks
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
 
 
-def check_prompts(llm: Any, prompts: list[list[int]], max_tokens: int | None, n: int) -> int:
+def check_prompts(
+    llm: Any,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    n: int,
+    stop_token_ids: list[int] | None = None,
+) -> int:
     """Validate token ids, context and cache size; return the max_tokens to use."""
     vocab, context = llm.model.config.vocab_size, llm.context
+    bad = next((t for t in stop_token_ids or [] if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(
+            400,
+            f"stop token id {bad} is outside the vocabulary (0..{vocab - 1}).",
+            "stop_token_ids",
+        )
     bm = llm.block_manager
     longest = max(len(p) for p in prompts)
     for p in prompts:

@@ -7,13 +7,50 @@ fail validation and come back as OpenAI-shaped 400 errors (see ``errors.py``).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_text(cls, data: Any) -> Any:
+        """Explicit nulls mean the default (the OpenAI API allows null for most fields), and
+        every string must be valid Unicode (JSON can carry lone surrogates: "\\ud800")."""
+        if not isinstance(data, dict):
+            return data
+        _check_unicode(data)
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or _takes_null(fields.get(k))}
+
+
+def _takes_null(field: FieldInfo | None) -> bool:
+    """Keep a null for unknown and required fields (their own errors) and nullable ones."""
+    if field is None or field.is_required():
+        return True
+    return field.annotation is type(None) or type(None) in get_args(field.annotation)
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"text holds an invalid character {value[e.start]!r} (a lone UTF-16 "
+                "surrogate, not Unicode): fix or drop it"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
 
 
 class StreamOptions(_Request):

@@ -117,6 +117,8 @@ class Run:
             return e
         if isinstance(e, asyncio.CancelledError):
             return APIError(500, "the request was cancelled")
+        if self.engine.error is not None:  # the engine loop stopped: unavailable, not our bug
+            return APIError(503, f"the engine stopped after an error: {self.engine.error}")
         kind = "the engine failed" if isinstance(e, TunelabError) else "internal error"
         return APIError(500, f"{kind}: {e}")
 
