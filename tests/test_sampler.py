@@ -206,3 +206,22 @@ def test_stop_string_completed_by_held_tokens_is_cut_at_finish():
     assert stream.add(ord("b")) == ""  # could be the start of the stop string
     assert stream.add(1000) == ""  # half of "é": waits for the next token
     assert stream.finish() == "" and stream.stopped and stream.text == "a"
+
+
+class ByteTokenizer:
+    """Byte-level tokens decoded like HF's (an incomplete UTF-8 sequence shows as U+FFFD)."""
+
+    def __init__(self):
+        self.vocab = {0: b"x", 1: b"STOP\xe3", 2: b"\x81\x82", 3: b"y"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stop_string_before_half_a_character_stops_at_once():
+    """A token that ends a stop string and starts a multi-byte character stops right away."""
+    stream = TextStream(ByteTokenizer(), stop=["STOP"])
+    assert stream.add(0) == "x"
+    assert stream.add(1) == "" and stream.stopped and stream.text == "x"
+    plain = TextStream(ByteTokenizer())  # no stop: the half character is still held back
+    assert plain.add(1) == "" and plain.add(2) == "STOP\u3042"

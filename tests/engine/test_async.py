@@ -163,3 +163,55 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(tiny_l
                 await collect(engine.add_request([5, 6, 7], params))
 
     asyncio.run(main())
+
+
+def test_a_consumer_whose_event_loop_closed_does_not_stop_the_engine(tiny_llm):
+    llm = tiny_llm("llama")
+    engine = AsyncEngine(llm.engine)
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+
+    async def leave_early():
+        stream = engine.add_request([5, 6, 7], long)
+        await anext(stream)  # then asyncio.run returns while the request still runs
+
+    async def later():  # a dead engine thread would leave this waiting: bounded
+        stream = engine.add_request([5, 6], long)
+        _, tokens, deltas = await asyncio.wait_for(collect(stream), timeout=30)
+        return len(tokens), deltas[-1].finish_reason
+
+    engine.start()
+    try:
+        asyncio.run(leave_early())
+        assert asyncio.run(later()) == (60, "length")
+        assert engine.error is None
+    finally:
+        engine.shutdown()
+
+
+def test_a_refused_duplicate_id_leaving_early_does_not_abort_the_original(tiny_llm):
+    engine = AsyncEngine(tiny_llm("llama").engine)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        async with engine:
+            original = engine.add_request([5, 6, 7], params, request_id="same")
+            duplicate = engine.add_request([8, 9], params, request_id="same")
+            await duplicate.aclose()  # its consumer leaves before reading the error delta
+            return await collect(original)
+
+    _, tokens, deltas = asyncio.run(main())
+    assert len(tokens) == 20 and deltas[-1].finish_reason == "length"
+
+
+def test_shutdown_right_after_a_refused_request_ends_its_stream(tiny_llm):
+    engine = AsyncEngine(tiny_llm("llama").engine)
+
+    async def main():
+        engine.start()
+        bad = engine.add_request([5, 6], SamplingParams(max_tokens=2), lora="nope")
+        await asyncio.to_thread(engine.shutdown)
+        return await asyncio.wait_for(collect(bad), timeout=10)
+
+    _, _, deltas = asyncio.run(main())
+    assert deltas[-1].finished and deltas[-1].finish_reason == "error"
+    assert "unknown LoRA adapter" in deltas[-1].error

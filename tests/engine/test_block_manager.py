@@ -114,3 +114,22 @@ def test_reusing_an_evictable_block_takes_it_out_of_the_free_pool():
     assert bm.allocate(b, 7, prefix)
     assert bm.num_free_blocks == 0 and not bm.evictable
     assert bm.blocks[prefix[0]].ref_count == 1 and b.num_computed_tokens == 4
+
+
+def test_readmission_after_preemption_is_not_counted_as_a_prompt_hit():
+    bm = BlockManager(16, BS)
+    s = seq(range(3))
+    admit(bm, s)
+    for t in range(3, 10):  # generated tokens fill two blocks, which get cached
+        s.append_token(t, None)
+    assert bm.allocate(s, s.num_tokens - s.num_computed_tokens)
+    s.num_computed_tokens = s.num_tokens
+    bm.cache_computed_blocks(s)
+    queries, hits = bm.queries, bm.hits
+    bm.free(s)  # preempted: back to waiting, recomputed from its (cached) blocks later
+    s.num_preemptions += 1
+    s.block_table, s.num_computed_tokens = [], 0
+    admit(bm, s)
+    assert s.num_computed_tokens == s.num_tokens  # the cache served the recompute...
+    assert s.num_cached_tokens == 0  # ...but no prompt token came from the cache
+    assert (bm.queries, bm.hits) == (queries, hits)

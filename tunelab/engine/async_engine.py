@@ -52,6 +52,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+    add: _Add | None = None  # the stream that asked (a consumer leaving); None: the caller
 
 
 @dataclass
@@ -179,7 +180,7 @@ class AsyncEngine:
                 yield delta
         finally:
             if not finished:  # the consumer went away (client disconnect, break)
-                self.abort(add.request_id)
+                self._commands.put(_Abort(add.request_id, add))
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class AsyncEngine:
             log.exception("engine loop failed")
             self._error = e
             for add in self._streams.values():
-                add.loop.call_soon_threadsafe(add.deltas.put_nowait, e)
+                self._notify(add, e)
             self._streams.clear()
             while True:  # nobody will run the queued calls: fail them rather than hang
                 try:
@@ -223,6 +224,8 @@ class AsyncEngine:
                     break
                 if isinstance(command, _Call):
                     command.result.set_exception(TunelabError(f"the engine loop failed: {e}"))
+                elif isinstance(command, _Add):  # queued before the failure: answer it
+                    self._notify(command, TunelabError(f"the engine loop failed: {e}"))
 
     def _step_failed(self, e: Exception) -> None:
         """Fail every request in flight (which one broke the step is unknown) and free them;
@@ -237,7 +240,7 @@ class AsyncEngine:
             engine.pop_output(request_id)
         error = TunelabError(f"the engine step failed ({type(e).__name__}: {e})")
         for add in self._streams.values():
-            add.loop.call_soon_threadsafe(add.deltas.put_nowait, error)
+            self._notify(add, error)
         self._streams.clear()
 
     def _apply(self, command: _Add | _Abort | _Call) -> None:
@@ -249,17 +252,27 @@ class AsyncEngine:
                 command.result.set_exception(e)
             return
         if isinstance(command, _Abort):
-            if command.request_id in self._streams:
-                for delta in engine.abort(command.request_id):
-                    self._deliver(delta)
+            add = self._streams.get(command.request_id)
+            if add is None or command.add not in (None, add):
+                return  # finished already, or another stream's (a refused duplicate id)
+            deltas = engine.abort(command.request_id)
+            for delta in deltas:
+                self._deliver(delta)
+            if not deltas:  # it had finished (failed at add time, say): end the stream
+                self._streams.pop(command.request_id, None)
+                engine.pop_output(command.request_id)
+                abort = StreamDelta(command.request_id, 0, "", [], "abort", finished=True)
+                self._notify(add, abort)
             return
         if command.request_id in self._streams or command.request_id in engine.requests:
             error = f"request id {command.request_id!r} is already in use; pick another."
             delta = StreamDelta(command.request_id, 0, "", [], "error", error=error, finished=True)
-            command.loop.call_soon_threadsafe(command.deltas.put_nowait, delta)
+            self._notify(command, delta)
             return
         self._streams[command.request_id] = command
         engine.add_request(command.prompt, command.params, command.request_id, lora=command.lora)
+        for delta in engine.take_failed():  # refused at add time: tell it now, not next step
+            self._deliver(delta)
 
     def _deliver(self, delta: StreamDelta) -> None:
         add = self._streams.get(delta.request_id)
@@ -268,7 +281,20 @@ class AsyncEngine:
         if delta.finished:
             del self._streams[delta.request_id]
             self.engine.pop_output(delta.request_id)
-        add.loop.call_soon_threadsafe(add.deltas.put_nowait, delta)
+        if not self._notify(add, delta):  # its event loop is gone: nobody reads it any more
+            self._streams.pop(delta.request_id, None)
+            if delta.request_id in self.engine.requests:
+                self.engine.abort(delta.request_id)
+                self.engine.pop_output(delta.request_id)
+
+    @staticmethod
+    def _notify(add: _Add, item: StreamDelta | BaseException) -> bool:
+        """Hand ``item`` to the stream's event loop; False if that loop has closed."""
+        try:
+            add.loop.call_soon_threadsafe(add.deltas.put_nowait, item)
+            return True
+        except RuntimeError:  # "Event loop is closed": its asyncio.run() returned
+            return False
 
     def _abort_all(self) -> None:
         for request_id in list(self._streams):

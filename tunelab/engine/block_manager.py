@@ -133,10 +133,12 @@ class BlockManager:
             for block_id in prefix:
                 self._use(block_id)
             seq.block_table = prefix
-            seq.num_computed_tokens = seq.num_cached_tokens = len(prefix) * self.block_size
+            seq.num_computed_tokens = len(prefix) * self.block_size
             seq.num_cached_blocks = len(prefix)
-            self.queries += seq.num_tokens
-            self.hits += seq.num_cached_tokens
+            if seq.num_preemptions == 0:  # a re-admission recomputes its own tokens: no hit
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.queries += seq.num_prompt_tokens
+                self.hits += seq.num_cached_tokens
         else:
             assert not prefix, "a prefix is only reused by a sequence without blocks"
         need = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size)

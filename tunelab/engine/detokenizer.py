@@ -36,8 +36,15 @@ class TextStream:
         assert not self.stopped, "add() after a stop string"
         self.ids.append(token_id)
         new = self._window_delta()
-        if not new or new.endswith(REPLACEMENT):  # nothing yet, or half a character: wait
+        if not new:
             return ""
+        if new.endswith(REPLACEMENT):  # half a character: wait for the rest of it...
+            # ...unless the complete characters before it already finish a stop string
+            cut = self._find_stop(self._decoded + new.rstrip(REPLACEMENT))
+            if cut is None:
+                return ""
+            self.stopped = True
+            return self._emit((self._decoded + new)[:cut])
         self._decoded += new
         self._prefix, self._read = self._read, len(self.ids)
         full = self._decoded

@@ -230,6 +230,10 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                 f"{self.context}: shorten the prompt."
             )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise TunelabError(f"{name}={k} is more than the vocabulary ({vocab} tokens).")
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise TunelabError(
@@ -299,9 +303,14 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------
 
+    def take_failed(self) -> list[StreamDelta]:
+        """The final deltas of requests refused at add time, not handed out yet."""
+        deltas, self._failed = self._failed, []
+        return deltas
+
     def step(self) -> list[StreamDelta]:
         """Run one scheduled step; return a delta for every sample that changed."""
-        deltas, self._failed = self._failed, []
+        deltas = self.take_failed()
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             log.debug("preempted %r", seq)
@@ -343,6 +352,8 @@ class LLMEngine:
         stream = req.streams[seq.index]
         if stream is not None:
             req.unsent_text[seq.index] += stream.finish()
+            if stream.stopped and seq.finish_reason == "length":  # the last token ended a stop
+                seq.finish_reason = "stop"
 
 
 def _is_token_ids(prompt: Prompt) -> bool:

@@ -61,7 +61,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # memo: chained hashes of full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # prefix-cache hit at the last admission
+        self.num_cached_tokens = 0  # prompt tokens from the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None  # "stop", "length", "abort", "error"
         self.error: str | None = None
