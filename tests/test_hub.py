@@ -203,3 +203,14 @@ def test_modelscope_download(monkeypatch, tmp_path):
     with pytest.raises(TunelabError, match="'org/missing': ValueError"):
         resolve_model("modelscope://org/missing")
     assert calls == ["org/name", "org/missing"]
+
+
+def test_adapters_record_a_base_name_peft_can_load(tmp_path):
+    from tunelab.hub import peft_base_name
+
+    local = tmp_path / "model"
+    local.mkdir()
+    assert peft_base_name("hf://org/name", local) == "org/name"
+    assert peft_base_name("org/name", local) == "org/name"
+    for spec in ("default", str(local), "model.gguf", "modelscope://org/name"):
+        assert peft_base_name(spec, local) == str(local.resolve())

@@ -59,6 +59,22 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     return _from_hf_hub(spec, spec)
 
 
+def peft_base_name(spec: str | os.PathLike, resolved: Path) -> str:
+    """An adapter's ``base_model_name_or_path`` for a model loaded from ``spec``.
+
+    A Hugging Face hub id stays a bare ``org/name`` (peft fetches it anywhere); anything
+    else (``default``, a directory, a .gguf, ModelScope) is the resolved local directory,
+    absolute, since peft knows none of our spec forms.
+    """
+    spec = str(spec).strip()
+    if spec.startswith("hf://"):
+        return spec.removeprefix("hf://")
+    local = spec == "default" or spec.startswith("modelscope://") or spec.endswith(".gguf")
+    if not local and not Path(spec).expanduser().exists() and not _looks_like_path(spec):
+        return spec
+    return str(Path(resolved).resolve())
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") != 1
 

@@ -356,6 +356,16 @@ BAD_ROWS = {
         None,
         r"unknown role 'robot' in turn 1",
     ),
+    "role not text": (
+        {"messages": [{"role": ["user"], "content": "q"}, a("r")]},
+        None,
+        r"unknown role \['user'\] in turn 1",
+    ),
+    "no text fields": (
+        {"label": "cs.CL"},
+        "classification",
+        r"classification example without title/abstract or text fields",
+    ),
     "empty answer": ({"messages": [u("q"), a("  ")]}, None, "the final assistant turn is empty"),
     "missing image": (
         {"messages": [u("<image>q"), a("r")], "images": ["gone.png"]},

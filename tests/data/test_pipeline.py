@@ -156,6 +156,16 @@ def test_split_is_deterministic_and_seeded(tmp_path, tok):
     assert len(set(everything)) == 40
 
 
+def test_split_of_a_weighted_source_never_puts_an_example_on_both_sides(tmp_path, tok):
+    train = write(tmp_path / "train.jsonl", rows(40))
+    source = {"path": str(train), "weight": 2.5}  # each example twice, half of them thrice
+    data = prepare(DataConfig(train=[source], cache_dir=str(tmp_path / "cache"), split=0.2), tok)
+    val, train_rows = set(map(tuple, ids(data.val))), list(map(tuple, ids(data.train)))
+    assert len(val) == len(data.val) == 8  # 20% of the 40 distinct examples, once each
+    assert not val & set(train_rows)
+    assert len(set(train_rows)) == 32 and len(train_rows) > 64  # the rest, weighted
+
+
 def test_split_without_shuffle_keeps_file_order(tmp_path, tok):
     train = write(tmp_path / "train.jsonl", rows(20))
     data = prepare(cfg(tmp_path, train, split=0.2, shuffle=False), tok)

@@ -83,12 +83,23 @@ def succeeds(capsys, argv: list[str]) -> str:
         (["--lora.rank", "0"], ["LoRA rank must be positive"]),
         (["--resume", "nowhere"], ["--resume nowhere: not a checkpoint directory"]),
         (["--freeze.last_layers", "0", "--method", "freeze"], ["freeze.modules"]),
+        (["--train.loss_chunk_tokens", "0"], ["train.loss_chunk_tokens must be >= 1"]),
+        (["--train.save_every", "-1"], ["train.save_every must be >= 0"]),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(capsys, recipe, no_model_load, flags, expected):
     line = fails(capsys, [str(recipe), *flags])
     for text in expected:
         assert text in line
+    assert not (recipe.parent / "run").exists()
+
+
+def test_torchrun_is_refused_until_multi_device_training(
+    capsys, recipe, no_model_load, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets
+    line = fails(capsys, [str(recipe)])
+    assert "multi-process training is not supported yet (WORLD_SIZE=2" in line
     assert not (recipe.parent / "run").exists()
 
 
@@ -118,6 +129,9 @@ def test_run_dir_policy(capsys, recipe, monkeypatch):
         (foreign / "notes.txt").write_text("mine")
         line = fails(capsys, [str(recipe), "--output_dir", str(foreign)])
         assert "holds no tunelab run" in line
+        # --overwrite replaces runs only: a folder of the user's own files stays as it was
+        line = fails(capsys, [str(recipe), "--output_dir", str(foreign), "--overwrite"])
+        assert "holds no tunelab run" in line and (foreign / "notes.txt").read_text() == "mine"
 
     # Same config, longer: resume: auto continues from step 1.
     out = succeeds(capsys, [str(recipe), "--train.max_steps", "2"])

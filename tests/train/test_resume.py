@@ -90,3 +90,24 @@ def test_stop_and_resume_is_bit_identical(make_tiny_model, tmp_path, dropout, mo
         losses_c = train_losses(control.run_dir)
         assert [losses_c[s] for s in (1, 2, 3)] == [losses_a[s] for s in (1, 2, 3)]
         assert all(losses_c[s] != losses_a[s] for s in (4, 5, 6))
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """fp16 resume continues with the loss scale and growth tracker it stopped with."""
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    for _ in range(3):  # three good steps: the scale grows 2x each time
+        scaler.scale(w.sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    state = ckpt.TrainerState(step=3)
+    path = ckpt.save_checkpoint(tmp_path, state, lambda d: None, opt, sched, 2, scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    ckpt.load_checkpoint(path, lambda d: None, opt, sched, fresh)
+    assert fresh.get_scale() == scaler.get_scale() == 2.0**13
+    assert fresh.state_dict() == scaler.state_dict()

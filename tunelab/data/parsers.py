@@ -129,7 +129,7 @@ def _parse_turns(items: list, ctx: Ctx, images: list[str]) -> list[Turn]:
         raw = next((item[k] for k in role_keys if k in item), None)
         if raw is None:
             raise BadExample(f"turn {i} has no {role_keys[0]!r} key")
-        if raw not in ctx.tags:
+        if not isinstance(raw, str) or raw not in ctx.tags:  # a list or dict is unhashable
             known = ", ".join(sorted(ctx.tags))
             raise BadExample(
                 f"unknown role {raw!r} in turn {i} (known: {known}; map others with data.role_tags)"
@@ -288,10 +288,11 @@ def _default_prompt(rec: dict[str, Any], ctx: Ctx) -> str:
         body, what = PAPER_PROMPT, "paper"
     elif _get(rec, "text", ctx) is not None:
         body, what = TEXT_PROMPT, "text"
-    else:
-        raise TunelabError(
-            f"classification data without title/abstract or text columns (columns: {sorted(rec)})"
-            "; set data.prompt to a template naming the text fields, e.g. 'Review: {review}'."
+    else:  # one row (skippable); if every row lacks them, the source ends up empty
+        raise BadExample(
+            f"classification example without title/abstract or text fields (fields: "
+            f"{sorted(rec)}); if the data names its text otherwise, set data.prompt to a "
+            "template naming the fields, e.g. 'Review: {review}'"
         )
     ask = "one of: {labels}" if ctx.cfg.label_set else "its category"
     return f"Classify the {what} into {ask}.\n\n{body}"

@@ -25,7 +25,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the encoding logic changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when the encoding logic changes, so old caches are not reused
 # DataConfig fields that do not change the tokens (and so stay out of the fingerprint).
 NOT_IN_FINGERPRINT = {"num_proc", "cache_dir", "packing", "on_error"}
 
@@ -77,8 +77,12 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         examples_read=sum(len(r.conversations) for r in reads),
         skipped=[dataclasses.asdict(s) for r in reads for s in r.skipped],
     )
-    train = _encode_all(train_read.conversations, tokenizer, template, cfg, stats)
-    val = _encode_all(val_read.conversations, tokenizer, template, cfg, stats) if val_read else None
+    train_convs = train_read.conversations
+    val_convs = val_read.conversations if val_read else None
+    if val_convs is None and cfg.split > 0:  # before encoding: weights repeat examples
+        train_convs, val_convs = _split(train_convs, cfg.split, cfg.seed)
+    train = _encode_all(train_convs, tokenizer, template, cfg, stats)
+    val = _encode_all(val_convs, tokenizer, template, cfg, stats) if val_convs else None
     if len(train) == 0:  # before the split, whose own message would hide the reason
         raise TunelabError(
             f"no training examples left after encoding ({_drops(stats)}); raise data.max_length "
@@ -87,8 +91,6 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     with _no_progress_bars():
         if cfg.shuffle:
             train = train.shuffle(seed=cfg.seed)  # save_to_disk applies the order once
-        if val is None and cfg.split > 0:
-            train, val = _split(train, cfg.split, cfg.seed)
         train = _limit(train, cfg.max_samples)
         val = _limit(val, cfg.max_val_samples) if val is not None else None
         _fill_counts(stats, train, val, cfg)
@@ -274,20 +276,24 @@ def _limit(dataset, n: int | None):
     return dataset.select(range(n)) if n is not None and n < len(dataset) else dataset
 
 
-def _split(train, fraction: float, seed: int):
-    """Hold out a seeded random ``fraction``; both parts keep the incoming (shuffled or file)
-    order."""
+def _split(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random ``fraction`` of the distinct examples, in file order.
+
+    A source's weight repeats the same example objects, so the split is made over distinct
+    ones: every copy of a held-out example leaves training, and val holds it once.
+    """
     if not 0 < fraction < 1:
         raise TunelabError(f"data.split must be between 0 and 1 (got {fraction}).")
-    n_val = max(1, round(len(train) * fraction))
-    if n_val >= len(train):
+    distinct = list({id(c): c for c in convs}.values())
+    n_val = max(1, round(len(distinct) * fraction))
+    if n_val >= len(distinct):
         raise TunelabError(
-            f"data.split={fraction} leaves no training examples out of {len(train)}; "
+            f"data.split={fraction} leaves no training examples out of {len(distinct)}; "
             "lower it or give data.val."
         )
-    held_out = set(random.Random(seed).sample(range(len(train)), n_val))
-    rest = [i for i in range(len(train)) if i not in held_out]
-    return train.select(rest), train.select(sorted(held_out))
+    held_out = sorted(random.Random(seed).sample(range(len(distinct)), n_val))
+    held_ids = {id(distinct[i]) for i in held_out}
+    return [c for c in convs if id(c) not in held_ids], [distinct[i] for i in held_out]
 
 
 def _column(dataset, name: str):

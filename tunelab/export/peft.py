@@ -23,7 +23,7 @@ def export_peft(
 ) -> Path:
     """Check ``adapter_dir`` fits ``model`` and write it to ``out`` in PEFT's format."""
     from tunelab.export.merge import adapter_tokenizer, check_adapter_files
-    from tunelab.hub import resolve_model
+    from tunelab.hub import peft_base_name, resolve_model
     from tunelab.models.config import ModelConfig
     from tunelab.models.decoder import Decoder
     from tunelab.models.hf_fallback import meta_hf_model, needs_fallback
@@ -53,7 +53,7 @@ def export_peft(
         module.lora_A.weight = nn.Parameter(stored[(name, "A")], requires_grad=False)
         module.lora_B.weight = nn.Parameter(stored[(name, "B")], requires_grad=False)
     tokenizer = adapter_tokenizer(adapter_dir, base_dir)
-    base_name = str(base_dir) if model == "default" else str(model)
+    base_name = peft_base_name(model, base_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_adapter(decoder, cfg, tmp, base_name)
         tokenizer.save_pretrained(str(tmp))

@@ -2,8 +2,9 @@
 
 ``run_dir/checkpoints/step-N/`` holds the trainable weights (for LoRA the PEFT-format adapter
 files directly inside, so ``peft`` loads a checkpoint as is), the optimizer and scheduler
-states, every RNG state and the data position. Each is written to a temp dir and renamed,
-so a crash leaves the previous checkpoint intact; only the newest ``keep_last`` are kept.
+states (and fp16's loss-scaler state), every RNG state and the data position. Each is
+written to a temp dir and renamed, so a crash leaves the previous checkpoint intact; only the
+newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tunelab.errors import TunelabError
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"  # full / freeze: the trained tensors
+SCALER_FILE = "scaler.pt"  # fp16 loss scaling state
 
 
 @dataclass
@@ -58,12 +60,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keep_last: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     out = checkpoint_dir(run_dir, state.step)
     with atomic_directory(out, overwrite=True) as tmp:
         save_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:  # fp16: the loss scale and its growth tracker
+            torch.save(scaler.state_dict(), tmp / SCALER_FILE)
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -76,12 +81,15 @@ def load_checkpoint(
     load_weights,  # callable(dir): loads the trainable weights into the model
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TrainerState:
     if not (path / STATE_FILE).exists():
         raise TunelabError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
     load_weights(path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if scaler is not None and (path / SCALER_FILE).exists():  # older checkpoints: fresh scale
+        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,17 @@ def resolve_precision(name: str, device: torch.device, method: str) -> Precision
     return Precision(base, half, name == "fp16")
 
 
+def refuse_multi_process() -> None:
+    """Training runs in one process for now: under torchrun every rank would train the whole
+    run on its own and write the same output_dir."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise TunelabError(
+            f"multi-process training is not supported yet (WORLD_SIZE={world}, e.g. torchrun "
+            "--nproc_per_node>1): run `tunelab train` as one process, on one device."
+        )
+
+
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Return (run dir, checkpoint to resume from or None) and refuse a foreign run dir."""
     run_dir = Path(cfg.output_dir)
@@ -73,14 +85,14 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
         return run_dir, ckpt
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return run_dir, None
+    saved = run_dir / "config.yaml"
+    if not saved.exists():  # --overwrite replaces a run, never a folder of other files
+        raise TunelabError(
+            f"output_dir {run_dir} is not empty and holds no tunelab run (no config.yaml); "
+            "choose another --output_dir (--overwrite only replaces a tunelab run)."
+        )
     if cfg.overwrite:  # Trainer.run empties it, after every check has passed
         return run_dir, None
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise TunelabError(
-            f"output_dir {run_dir} is not empty and holds no tunelab run; choose another "
-            "--output_dir or pass --overwrite."
-        )
     diff = config_differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
     if diff or cfg.resume == "never":
         why = f"its config differs in {', '.join(diff[:5])}" if diff else "resume is 'never'"

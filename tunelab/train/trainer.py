@@ -31,7 +31,12 @@ from tunelab.train.forward import forward_for
 from tunelab.train.loss import chunked_cross_entropy
 from tunelab.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from tunelab.train.optim import build_optimizer, build_scheduler, warmup_steps
-from tunelab.train.setup import build_model, prepare_run_dir, resolve_precision
+from tunelab.train.setup import (
+    build_model,
+    prepare_run_dir,
+    refuse_multi_process,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class Trainer:
         from tunelab.models.loading import load_tokenizer
 
         self.cfg, self.progress = cfg, progress
+        refuse_multi_process()
         self.run_dir, self.resume_from = prepare_run_dir(cfg)
         self.device = dev.resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device, cfg.method)
@@ -91,7 +97,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             self.state = ckpt.load_checkpoint(
-                self.resume_from, self._load_weights, self.optimizer, self.scheduler
+                self.resume_from, self._load_weights, self.optimizer, self.scheduler, self.scaler
             )
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
         self._write_run_files()
@@ -223,11 +229,13 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.cfg.train.keep_last,
+            self.scaler,
         )
 
     def _save_weights(self, directory: Path) -> None:
         ckpt.save_tensors(self.model, directory)  # exact trainable tensors, for resume
         if self.cfg.method in ("lora", "qlora"):
+            from tunelab.hub import peft_base_name
             from tunelab.models.peft_io import write_adapter
 
             lora = self.cfg.lora
@@ -235,7 +243,8 @@ class Trainer:
                 base = str(self.precision.base_dtype).removeprefix("torch.")
                 marker = {"tunelab": {"method": "qlora", "base_dtype": base}}
                 lora = dataclasses.replace(lora, extra={**lora.extra, **marker})
-            write_adapter(self.model, lora, directory, self.cfg.model)
+            base_name = peft_base_name(self.cfg.model, self.model_dir)
+            write_adapter(self.model, lora, directory, base_name)
         self.tokenizer.save_pretrained(str(directory))  # the template travels with the weights
 
     def _load_weights(self, directory: Path) -> None:
