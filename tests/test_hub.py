@@ -214,3 +214,26 @@ def test_adapters_record_a_base_name_peft_can_load(tmp_path):
     assert peft_base_name("org/name", local) == "org/name"
     for spec in ("default", str(local), "model.gguf", "modelscope://org/name"):
         assert peft_base_name(spec, local) == str(local.resolve())
+
+
+def test_hub_download_skips_duplicate_weight_formats(monkeypatch, tmp_path):
+    """Mistral repos ship consolidated.safetensors beside the HF shards: not fetched."""
+    import fnmatch
+
+    import huggingface_hub
+
+    files = ["config.json", "model-00001-of-00002.safetensors", "consolidated.safetensors",
+             "tokenizer.json", "original/params.json", "pytorch_model.bin"]  # fmt: skip
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns=()):
+        for f in files:
+            allowed = any(fnmatch.fnmatch(f, p) for p in allow_patterns)
+            if allowed and not any(fnmatch.fnmatch(f, p) for p in ignore_patterns):
+                fetched.append(f)
+        (tmp_path / "config.json").write_text("{}")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    resolve_model("hf://org/mistral")
+    assert fetched == ["config.json", "model-00001-of-00002.safetensors", "tokenizer.json"]

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# Mistral-format copies of the weights (consolidated.safetensors) and Meta's originals: the HF
+# shards beside them are what we load, and these would double the download.
+HUB_IGNORE = ["consolidated*.safetensors", "original/*"]
 
 
 def models_dir() -> Path:
@@ -103,7 +106,9 @@ def _from_hf_hub(spec: str, repo_id: str) -> Path:
         raise TunelabError("huggingface_hub is not installed: pip install huggingface_hub") from e
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE)
+        )
     except Exception as e:  # the hub client raises many types; all mean "not available"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = str(e) or type(e).__name__  # some errors have an empty message

@@ -286,3 +286,34 @@ def tiny_llm_outputs(path, adapter: str, params: SamplingParams) -> list[str]:
     llm = LLM(model, tokenizer=load_tokenizer(path), adapters={"a": adapter})
     msgs = [[{"role": "user", "content": t}] for t in ("Hello", "The capital of France")]
     return [o.outputs[0].text for o in llm.generate(msgs, params, lora="a")]
+
+
+def test_an_adapter_saved_with_its_own_chat_template_is_prompted_with_it(
+    make_tiny_model, adapters, tmp_path
+):
+    """tunelab's trainer saves the template it trained on beside the adapter (data.template);
+    chat requests on that adapter use it, the base and other adapters keep the base's."""
+    import shutil
+
+    from tunelab.data.templates import BUILTIN_TEMPLATES
+    from tunelab.engine.llm import LLM
+    from tunelab.engine.prompts import encode_chat
+    from tunelab.models.loading import load_tokenizer
+
+    path = make_tiny_model("llama")
+    own = tmp_path / "alpaca-adapter"
+    shutil.copytree(adapters("llama")["a2"], own)
+    tokenizer = load_tokenizer(path)
+    tokenizer.chat_template = BUILTIN_TEMPLATES["alpaca"]
+    tokenizer.save_pretrained(str(own))
+    llm = LLM(load_model(path, "cpu", torch.float32), tokenizer=load_tokenizer(path),
+              adapters={"own": str(own), "plain": adapters("llama")["a1"]})  # fmt: skip
+    assert llm.engine.adapters["own"].chat_template == BUILTIN_TEMPLATES["alpaca"]
+    assert llm.engine.adapters["plain"].chat_template is None
+    chat = [{"role": "user", "content": "hello world"}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    outs = llm.generate([chat, chat, chat], params, lora=["own", "plain", None])
+    alpaca = encode_chat(llm.tokenizer, chat, chat_template=BUILTIN_TEMPLATES["alpaca"])
+    assert outs[0].prompt_token_ids == alpaca
+    assert outs[1].prompt_token_ids == outs[2].prompt_token_ids == llm.encode_chat(chat)
+    assert alpaca != llm.encode_chat(chat)

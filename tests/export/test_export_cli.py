@@ -64,6 +64,27 @@ def test_cli_errors_are_one_line(base, adapter, tmp_path, capsys):
     argv = ["generate", "--model", str(base), "--adapter", str(tmp_path), "--prompt", "hi"]
     assert main(argv) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
+    argv = ["export", "--model", str(base), "--format", "gguf", "--out", str(out), "--overwrite"]
+    assert main(argv) == 2
+    assert "is a directory; a GGUF export writes one file" in capsys.readouterr().err
+
+
+def test_convert_to_fp16_refuses_a_weight_beyond_its_range(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.convert import convert
+
+    big = tmp_path / "big"
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5  # fp16 tops out at 65504
+    model.save_pretrained(str(big))
+    for f in base.iterdir():  # the tokenizer
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy2(f, big / f.name)
+    with pytest.raises(TunelabError, match=r"up_proj.weight has inf.*beyond fp16.s range"):
+        convert(str(big), tmp_path / "half", dtype="fp16")
+    assert not (tmp_path / "half").exists()
 
 
 def test_export_hf_with_and_without_adapter(base, adapter, tmp_path):

@@ -221,3 +221,31 @@ def test_default_model_round_trip(default_source, tmp_path, quant):
     their_tok = AutoTokenizer.from_pretrained(**where)
     assert their_tok(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
     assert their_tok.chat_template == tok.chat_template
+
+
+def test_import_reads_the_gguf_vocabulary_not_a_tokenizer_beside_it(make_tiny_model, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    path = export_gguf(str(make_tiny_model("llama")), tmp_path / "m.gguf", quant="f32")
+    alone = read_gguf(path).tokenizer
+    other = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    other.save(str(tmp_path / "tokenizer.json"))  # another model's files in the same folder
+    beside = read_gguf(path).tokenizer
+    for text in TEXTS:
+        assert beside(text)["input_ids"] == alone(text)["input_ids"]
+
+
+def test_named_chat_templates_are_exported(make_tiny_model, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(make_tiny_model("llama"), src)
+    tokenizer = load_tokenizer(src)
+    default = tokenizer.chat_template
+    tokenizer.chat_template = {"default": default, "tool_use": "{{ 'tools' }}"}
+    tokenizer.save_pretrained(str(src))
+    path = export_gguf(str(src), tmp_path / "m.gguf", quant="f32")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert "tokenizer.chat_template.tool_use" in fields
+    assert read_gguf(path).tokenizer.chat_template == default

@@ -70,6 +70,20 @@ def test_lora_final_and_checkpoints_load_in_peft(make_tiny_model, tmp_path):
             assert (got - trained).abs().max() > 1e-4
 
 
+def test_the_data_template_is_saved_with_the_adapter(make_tiny_model, tmp_path):
+    """Train on data.template alpaca: the adapter (and every checkpoint) carries that template,
+    so generate / serve / merge prompt the model as it was trained."""
+    from tunelab.data.templates import BUILTIN_TEMPLATES
+    from tunelab.models.loading import load_tokenizer
+
+    trainer = train(
+        tmp_path, make_tiny_model("llama"), data__template="alpaca", data__max_length=200
+    )
+    assert load_tokenizer(trainer.run_dir / "final").chat_template == BUILTIN_TEMPLATES["alpaca"]
+    step = trainer.run_dir / "checkpoints" / "step-2"
+    assert load_tokenizer(step).chat_template == BUILTIN_TEMPLATES["alpaca"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: a sliding window of 8
 def test_packed_and_unpacked_give_the_same_loss(make_tiny_model, tmp_path, arch):
     model_dir = make_tiny_model(arch)

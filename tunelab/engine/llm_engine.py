@@ -150,7 +150,10 @@ class LLMEngine:
         Call it between steps (``AsyncEngine.load_adapter`` does). A bad adapter raises a
         TunelabError naming it and changes nothing.
         """
-        return self.lora.load(name, path)
+        base_template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(base_template, dict):
+            base_template = base_template.get("default")
+        return self.lora.load(name, path, base_template)
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name``; refused while an unfinished request uses it."""
@@ -196,7 +199,8 @@ class LLMEngine:
             raise TunelabError(f"request id {request_id!r} is already in use; pick another.")
         try:
             adapter = self.lora.get(lora) if lora is not None else None
-            prompt_ids = encode_prompt(self.tokenizer, prompt)
+            template = adapter.chat_template if adapter is not None else None
+            prompt_ids = encode_prompt(self.tokenizer, prompt, template)
             self._check(prompt_ids, params)
         except TunelabError as e:
             prompt_ids = prompt if _is_token_ids(prompt) else []

@@ -44,6 +44,7 @@ class LoadedAdapter:
     rank: int
     scaling: float
     modules: tuple[str, ...]
+    chat_template: str | None = None  # the adapter's own, when it differs from the base's
 
 
 def read_adapter(
@@ -104,6 +105,16 @@ def read_adapter(
     return cfg, {m: (weights[(m, "A")], weights[(m, "B")]) for m in targets}
 
 
+def own_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template saved beside an adapter (with its tokenizer), if any."""
+    from tunelab.models.loading import TOKENIZER_FILES, load_tokenizer
+
+    if not any((adapter_dir / f).exists() for f in TOKENIZER_FILES):
+        return None
+    template = getattr(load_tokenizer(adapter_dir), "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
 class LoraRegistry:
     """The adapters loaded into one engine's model, and the step's adapter groups."""
 
@@ -136,8 +147,14 @@ class LoraRegistry:
             )
         return adapter
 
-    def load(self, name: str, path: str | Path) -> LoadedAdapter:
-        """Read, check and load the PEFT adapter at ``path`` as ``name``."""
+    def load(
+        self, name: str, path: str | Path, base_chat_template: str | None = None
+    ) -> LoadedAdapter:
+        """Read, check and load the PEFT adapter at ``path`` as ``name``.
+
+        An adapter saved with its own tokenizer (tunelab's trainer does) keeps that chat
+        template: chat requests on it are rendered as it was trained.
+        """
         if not name:
             raise TunelabError("an adapter needs a non-empty name.")
         if name in self.adapters:
@@ -150,8 +167,16 @@ class LoraRegistry:
         slot = next(i for i in itertools.count() if i not in used)
         for module, (a, b) in weights.items():
             self._layer(module).set_slot(slot, a, b, cfg.scaling)
+        template = own_chat_template(Path(path))
         adapter = LoadedAdapter(
-            name, str(path), slot, next(self._uids), cfg.rank, cfg.scaling, tuple(weights)
+            name,
+            str(path),
+            slot,
+            next(self._uids),
+            cfg.rank,
+            cfg.scaling,
+            tuple(weights),
+            template if template != base_chat_template else None,
         )
         self.adapters[name] = adapter
         log.info(

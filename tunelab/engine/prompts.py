@@ -12,12 +12,15 @@ Messages = list[dict[str, Any]]
 Prompt = str | Messages | list[int]
 
 
-def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
-    """Token ids of ``prompt``: text as is, messages through the model's chat template."""
+def encode_prompt(
+    tokenizer: Any | None, prompt: Prompt, chat_template: str | None = None
+) -> list[int]:
+    """Token ids of ``prompt``: text as is, messages through the chat template
+    (``chat_template``, e.g. a LoRA adapter's own, else the tokenizer's)."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
         return list(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        return encode_chat(tokenizer, prompt)
+        return encode_chat(tokenizer, prompt, chat_template=chat_template)
     if isinstance(prompt, str):
         return _require(tokenizer, "text prompts")(check_text(prompt, "the prompt"))["input_ids"]
     if isinstance(prompt, list) and not prompt:
@@ -29,23 +32,29 @@ def encode_prompt(tokenizer: Any | None, prompt: Prompt) -> list[int]:
 
 
 def encode_chat(
-    tokenizer: Any | None, messages: Messages, add_generation_prompt: bool = True
+    tokenizer: Any | None,
+    messages: Messages,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
 ) -> list[int]:
-    """Render ``messages`` with the tokenizer's chat template, by default ready for the answer
-    (``add_generation_prompt``: the assistant turn's opening)."""
+    """Render ``messages`` with ``chat_template`` (default: the tokenizer's), by default ready
+    for the answer (``add_generation_prompt``: the assistant turn's opening)."""
     tokenizer = _require(tokenizer, "chat messages")
     if not messages:
         raise TunelabError("the conversation is empty: send at least one message.")
     if not all(isinstance(m, dict) and "role" in m for m in messages):
         raise TunelabError('every chat message needs a "role" (and "content"): {"role": ...}.')
-    if not getattr(tokenizer, "chat_template", None):
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise TunelabError(
             "this model's tokenizer has no chat template: send plain text (a raw prompt) "
             "instead of messages."
         )
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
     except TemplateError as e:  # the template's own checks (roles must alternate...)
         raise TunelabError(f"the chat template rejected the messages: {e}") from None

@@ -68,6 +68,11 @@ def export_gguf(
     out_file = Path(out_file)
     if quant not in QUANTS:
         raise TunelabError(f"unknown GGUF quantization {quant!r}; use one of {', '.join(QUANTS)}.")
+    if out_file.is_dir():
+        raise TunelabError(
+            f"{out_file} is a directory; a GGUF export writes one file: give --out a path "
+            "ending in .gguf."
+        )
     if out_file.exists() and not overwrite:
         raise TunelabError(f"{out_file} already exists; choose another --out or pass --overwrite.")
     if adapter is not None:

@@ -74,6 +74,8 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, eos_fallback: in
     pre = _add_byte_level(writer, tokenizer, spec, vocab, vocab_size)
     _add_specials(writer, tokenizer, eos_fallback)
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates (default, tool_use, ...): GGUF's list form
+        template = [{"name": k, "template": v} for k, v in template.items()]
     if template:
         writer.add_chat_template(template)
     return pre

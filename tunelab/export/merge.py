@@ -194,7 +194,7 @@ def adapter_tokenizer(adapter_dir: Path, base_dir: Path):
     return load_tokenizer(adapter_dir if has_own else base_dir)
 
 
-def check_range(model: Decoder, dtype: torch.dtype) -> None:
+def check_range(model: Decoder, dtype: torch.dtype, what: str = "merged weight") -> None:
     """Every weight is finite and representable in ``dtype``; else an error naming it."""
     limit = torch.finfo(dtype).max
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
@@ -202,15 +202,18 @@ def check_range(model: Decoder, dtype: torch.dtype) -> None:
         if not tensor.is_floating_point():  # integer / boolean buffers of transformers models
             continue
         if not torch.isfinite(tensor).all():
-            raise TunelabError(
-                f"merged weight {key} has inf/NaN values; the adapter is broken (check the "
-                "training loss for divergence). Nothing was written."
-            )
+            if what == "merged weight":
+                cause = "the adapter is broken (check the training loss for divergence)"
+            elif name == "fp16":  # loaded straight into fp16: an overflow shows up as inf
+                cause = "a value beyond fp16's range (65504) or a broken source; use --dtype bf16"
+            else:
+                cause = "the source model is broken"
+            raise TunelabError(f"{what} {key} has inf/NaN values; {cause}. Nothing was written.")
         peak = float(tensor.abs().max())
         if peak > limit:
             hint = "use --dtype bf16 (same range as fp32)" if name == "fp16" else "use fp32"
             raise TunelabError(
-                f"merged weight {key} reaches {peak:.3g}, beyond the {name} maximum "
+                f"{what} {key} reaches {peak:.3g}, beyond the {name} maximum "
                 f"{limit:.3g}: it would overflow to inf; {hint}. Nothing was written."
             )
 

@@ -37,6 +37,9 @@ def convert(spec: str, out: str | Path, dtype: str | None = None, overwrite: boo
         stored = model.config.raw.get("dtype") or model.config.raw.get("torch_dtype") or "float32"
         torch_dtype = dev.parse_dtype(stored)
     gen = read_generation_config(src) or None
+    from tunelab.export.merge import check_range
+
+    check_range(model, torch_dtype, "weight")  # fp16 overflows to inf: refuse, don't write it
     return save_pretrained(model, tokenizer, out, torch_dtype, overwrite, generation_config=gen)
 
 
@@ -49,6 +52,9 @@ def convert_gguf(
     ckpt = read_gguf(gguf)
     torch_dtype = dev.parse_dtype(dtype) if dtype else torch.float32
     model = model_from_tensors(ckpt.config, ckpt.tensors, source=str(gguf))
+    from tunelab.export.merge import check_range
+
+    check_range(model, torch_dtype, "weight")
     return save_pretrained(
         model, ckpt.tokenizer, out, torch_dtype, overwrite, generation_config=ckpt.generation_config
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,9 +290,17 @@ def _load_tokenizer(path: Path, meta: dict[str, Any]) -> transformers.PreTrained
     from transformers import PreTrainedTokenizerFast
 
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
-            str(path.parent), gguf_file=path.name, local_files_only=True
-        )
+        # From a folder holding only (a link to) the GGUF: from_pretrained would otherwise
+        # prefer a tokenizer.json that happens to sit beside the file, another model's maybe.
+        with tempfile.TemporaryDirectory(prefix="tunelab-gguf-tok-") as alone:
+            link = Path(alone) / path.name
+            try:
+                link.symlink_to(path.resolve())
+            except OSError:  # no symlinks on this filesystem: read it in place
+                link = path
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(
+                str(link.parent), gguf_file=link.name, local_files_only=True
+            )
     except (ValueError, KeyError, OSError) as exc:
         raise TunelabError(
             f"{path}: transformers cannot build a tokenizer from this GGUF ({exc}); convert the "

@@ -152,13 +152,14 @@ def create_app(
 
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         if llm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer.")
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'.", "prompt")
         if req.messages is not None:
-            ids = chat_prompt(llm, message_dicts(req.messages), req.add_generation_prompt)
+            messages = message_dicts(req.messages)
+            ids = chat_prompt(llm, messages, req.add_generation_prompt, lora)
         else:
             ids = llm.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         return {"tokens": list(ids), "count": len(ids), "max_model_len": llm.context}

@@ -189,7 +189,7 @@ async def create_chat_completion(
     """``lora``: the adapter the request's model names (None: the base model)."""
     llm = state.engine.engine
     tok = llm.tokenizer
-    prompt = chat_prompt(llm, message_dicts(req.messages))
+    prompt = chat_prompt(llm, message_dicts(req.messages), lora=lora)
     max_tokens = req.max_completion_tokens
     max_tokens = req.max_tokens if max_tokens is None else max_tokens
     max_tokens = check_prompts(llm, [prompt], max_tokens, req.n, req.stop_token_ids)

@@ -39,12 +39,17 @@ def completion_prompts(llm: Any, prompt: Any) -> list[list[int]]:
 
 
 def chat_prompt(
-    llm: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    llm: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    lora: str | None = None,
 ) -> list[int]:
+    """Token ids of a chat; with ``lora``, in that adapter's own template if it has one."""
     if not messages:
         raise APIError(400, "messages is empty: give at least one message.", "messages")
+    template = llm.lora.get(lora).chat_template if lora is not None else None
     try:
-        return encode_chat(llm.tokenizer, messages, add_generation_prompt)
+        return encode_chat(llm.tokenizer, messages, add_generation_prompt, template)
     except (TunelabError, ValueError) as e:  # ValueError: transformers' own template checks
         raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
 

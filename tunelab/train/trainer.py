@@ -65,6 +65,10 @@ class Trainer:
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir)
         data = prepare(cfg.data, self.tokenizer)
+        if cfg.data.template:  # what the model learns to answer to travels with its weights
+            from tunelab.data.templates import resolve_template
+
+            self.tokenizer.chat_template = resolve_template(self.tokenizer, cfg.data.template)
         self.data_stats = data.stats
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         t = cfg.train
