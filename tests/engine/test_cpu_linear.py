@@ -56,6 +56,41 @@ def test_weight_changed_in_place_is_repacked():
 
 
 @needs_packing
+def test_a_replaced_weight_is_used_not_the_packed_old_one():
+    torch.manual_seed(0)
+    layer = PackedLinear(nn.Linear(48, 72).to(torch.bfloat16))
+    x = torch.randn(4, 48, dtype=torch.bfloat16)
+    new = nn.Linear(48, 72).to(torch.bfloat16)
+    layer.load_state_dict(new.state_dict(), assign=True)  # tunelab's own loading idiom
+    with torch.inference_mode():
+        _close(layer(x), new(x))
+        layer.weight = nn.Parameter(torch.zeros(72, 48, dtype=torch.bfloat16))
+        _close(layer(x), layer.bias.expand(4, 72))
+
+
+@needs_packing
+def test_packed_layers_copy_pickle_and_live_in_inference_mode(tmp_path):
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    with torch.inference_mode():  # weights that are inference tensors (no version counter)
+        base = nn.Linear(48, 72).to(torch.bfloat16)
+        layer = PackedLinear(base)
+        x = torch.randn(4, 48, dtype=torch.bfloat16)
+        want = F.linear(x, base.weight, base.bias)
+        _close(layer(x), want)
+    clone = copy.deepcopy(PackedLinear(nn.Linear(48, 72).to(torch.bfloat16)))
+    buffer = io.BytesIO()
+    torch.save(clone, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.inference_mode():
+        _close(loaded(x), F.linear(x, clone.weight, clone.bias))
+        _close(clone(x), F.linear(x, clone.weight, clone.bias))
+
+
+@needs_packing
 def test_training_takes_the_plain_path_with_gradients():
     torch.manual_seed(0)
     base = nn.Linear(48, 72).to(torch.bfloat16)

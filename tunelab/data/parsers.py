@@ -129,8 +129,8 @@ def _parse_turns(items: list, ctx: Ctx, images: list[str]) -> list[Turn]:
         raw = next((item[k] for k in role_keys if k in item), None)
         if raw is None:
             raise BadExample(f"turn {i} has no {role_keys[0]!r} key")
-        if not isinstance(raw, str) or raw not in ctx.tags:  # a list or dict is unhashable
-            known = ", ".join(sorted(ctx.tags))
+        if isinstance(raw, list | dict) or raw not in ctx.tags:  # (a list is unhashable)
+            known = ", ".join(sorted(map(str, ctx.tags)))
             raise BadExample(
                 f"unknown role {raw!r} in turn {i} (known: {known}; map others with data.role_tags)"
             )

@@ -77,12 +77,8 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         examples_read=sum(len(r.conversations) for r in reads),
         skipped=[dataclasses.asdict(s) for r in reads for s in r.skipped],
     )
-    train_convs = train_read.conversations
-    val_convs = val_read.conversations if val_read else None
-    if val_convs is None and cfg.split > 0:  # before encoding: weights repeat examples
-        train_convs, val_convs = _split(train_convs, cfg.split, cfg.seed)
-    train = _encode_all(train_convs, tokenizer, template, cfg, stats)
-    val = _encode_all(val_convs, tokenizer, template, cfg, stats) if val_convs else None
+    train = _encode_all(train_read.conversations, tokenizer, template, cfg, stats)
+    val = _encode_all(val_read.conversations, tokenizer, template, cfg, stats) if val_read else None
     if len(train) == 0:  # before the split, whose own message would hide the reason
         raise TunelabError(
             f"no training examples left after encoding ({_drops(stats)}); raise data.max_length "
@@ -91,6 +87,8 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     with _no_progress_bars():
         if cfg.shuffle:
             train = train.shuffle(seed=cfg.seed)  # save_to_disk applies the order once
+        if val is None and cfg.split > 0:
+            train, val = _split(train, cfg.split, cfg.seed)
         train = _limit(train, cfg.max_samples)
         val = _limit(val, cfg.max_val_samples) if val is not None else None
         _fill_counts(stats, train, val, cfg)
@@ -276,24 +274,31 @@ def _limit(dataset, n: int | None):
     return dataset.select(range(n)) if n is not None and n < len(dataset) else dataset
 
 
-def _split(convs: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out a seeded random ``fraction`` of the distinct examples, in file order.
+def _split(train, fraction: float, seed: int):
+    """Hold out a seeded random ``fraction`` of the distinct examples; both parts keep the
+    incoming (shuffled or file) order.
 
-    A source's weight repeats the same example objects, so the split is made over distinct
-    ones: every copy of a held-out example leaves training, and val holds it once.
+    Distinct by their tokens: a source's weight repeats examples (and two files may share
+    one), so every copy of a held-out example leaves training and val holds it once.
     """
     if not 0 < fraction < 1:
         raise TunelabError(f"data.split must be between 0 and 1 (got {fraction}).")
-    distinct = list({id(c): c for c in convs}.values())
+    groups: dict[tuple, list[int]] = {}
+    ids, labels = _column(train, "input_ids").to_pylist(), _column(train, "labels").to_pylist()
+    for i, key in enumerate(zip(map(tuple, ids), map(tuple, labels), strict=True)):
+        groups.setdefault(key, []).append(i)
+    distinct = list(groups.values())  # first-occurrence order
     n_val = max(1, round(len(distinct) * fraction))
     if n_val >= len(distinct):
         raise TunelabError(
             f"data.split={fraction} leaves no training examples out of {len(distinct)}; "
             "lower it or give data.val."
         )
-    held_out = sorted(random.Random(seed).sample(range(len(distinct)), n_val))
-    held_ids = {id(distinct[i]) for i in held_out}
-    return [c for c in convs if id(c) not in held_ids], [distinct[i] for i in held_out]
+    held_out = random.Random(seed).sample(range(len(distinct)), n_val)
+    val_rows = sorted(distinct[g][0] for g in held_out)
+    dropped = {i for g in held_out for i in distinct[g]}
+    rest = [i for i in range(len(train)) if i not in dropped]
+    return train.select(rest), train.select(val_rows)
 
 
 def _column(dataset, name: str):

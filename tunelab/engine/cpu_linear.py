@@ -10,11 +10,13 @@ take the plain path.
 The packed copy is extra memory (the size of the linear weights), so the engine packs only
 when it fits easily (``pack_linears``). A packed layer keeps its ``weight`` Parameter: names,
 ``state_dict`` and LoRA see the layer unchanged, and a weight changed in place after packing
-is noticed (its version counter) and packed again.
+is noticed (its version counter), as is one replaced (``load_state_dict(assign=True)``), and
+packed again.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -54,26 +56,47 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 
 class PackedWeight:
-    """A linear layer's weight packed for oneDNN, repacked when the weight changes."""
+    """A linear layer's weight packed for oneDNN, repacked when the weight changes.
+
+    Copies and pickles carry the weight only; the packed copy (an opaque oneDNN tensor, which
+    neither deepcopy nor pickle can handle) is made again on first use.
+    """
 
     def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        self._pack()
+        self.weight: torch.Tensor = weight
+        self.packed: torch.Tensor | None = None
+        self.stamp: tuple | None = None
 
-    def _pack(self) -> None:
-        self.packed = _pack(self.weight)
-        self.version, self.data_ptr = self.weight._version, self.weight.data_ptr()
+    def _stamp(self, weight: torch.Tensor) -> tuple:
+        # Inference tensors (made under inference_mode) have no version counter; nothing can
+        # change them in place outside inference_mode, so their identity is enough.
+        version = None if weight.is_inference() else weight._version
+        return id(weight), weight.data_ptr(), version
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``x @ W^T + b`` from the packed weight, or None where the plain path must run."""
-        w = self.weight
-        if x.dtype != w.dtype or x.numel() > PACKED_MAX_ROWS * w.shape[1]:
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``x @ weight^T + bias`` from the packed copy of ``weight`` (the layer's current one),
+        or None where the plain path must run."""
+        if x.dtype != weight.dtype or x.numel() > PACKED_MAX_ROWS * weight.shape[1]:
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return None  # the packed op has no backward
-        if w._version != self.version or w.data_ptr() != self.data_ptr:
-            self._pack()  # changed in place (or replaced) since it was packed
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            return None  # moved or cast since it was packed
+        stamp = self._stamp(weight)
+        if stamp != self.stamp:  # new, replaced (assign=True, .weight = ...) or changed in place
+            self.weight, self.packed, self.stamp = weight, _pack(weight), stamp
         return _packed_linear(x, self.packed, bias)
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight(copy.deepcopy(self.weight, memo))
+
+    def __getstate__(self) -> dict:
+        return {"weight": self.weight}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["weight"])
 
 
 class PackedLinear(nn.Linear):
@@ -87,16 +110,18 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.packed = PackedWeight(base.weight)
+        with torch.inference_mode():
+            self.packed.linear(torch.zeros(1, self.in_features, dtype=base.weight.dtype),
+                               self.weight, None)  # fmt: skip  # pack now, not on first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.packed.linear(x, self.bias)
-        return F.linear(x, self.weight, self.bias) if out is None else out
+        return linear(x, self)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer``'s base linear of ``x``: packed where ``layer`` carries a packed weight."""
     packed: PackedWeight | None = getattr(layer, "packed", None)
-    out = packed.linear(x, layer.bias) if packed is not None else None
+    out = packed.linear(x, layer.weight, layer.bias) if packed is not None else None
     return F.linear(x, layer.weight, layer.bias) if out is None else out
 
 

@@ -111,7 +111,13 @@ def own_chat_template(adapter_dir: Path) -> str | None:
 
     if not any((adapter_dir / f).exists() for f in TOKENIZER_FILES):
         return None
-    template = getattr(load_tokenizer(adapter_dir), "chat_template", None)
+    try:
+        template = getattr(load_tokenizer(adapter_dir), "chat_template", None)
+    except TunelabError as e:  # e.g. a tokenizer_config.json alone: the weights still serve
+        log.warning(
+            "%s: its tokenizer files do not load (%s); using the base's template", adapter_dir, e
+        )
+        return None
     return template.get("default") if isinstance(template, dict) else template
 
 
@@ -165,9 +171,9 @@ class LoraRegistry:
         cfg, weights = read_adapter(self.model, self.linears, name, path, self.max_rank)
         used = {a.slot for a in self.adapters.values()}
         slot = next(i for i in itertools.count() if i not in used)
+        template = own_chat_template(Path(path))  # before any layer changes
         for module, (a, b) in weights.items():
             self._layer(module).set_slot(slot, a, b, cfg.scaling)
-        template = own_chat_template(Path(path))
         adapter = LoadedAdapter(
             name,
             str(path),

@@ -102,7 +102,7 @@ def create_app(
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         # bytes: compare_digest refuses non-ASCII str (headers arrive decoded as latin-1)
-        given = token.strip().encode("utf-8", "surrogateescape")
+        given = token.strip().encode("latin-1", "replace")  # the header's own bytes
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key.encode()):
             raise APIError(
                 401,
