@@ -103,3 +103,59 @@ def test_bf16_save_keeps_dtype(make_tiny_model, tmp_path):
     )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_model(out, "cpu", "bf16").dtype == torch.bfloat16
+
+
+def _edited_copy(src, tmp_path, edit) -> str:
+    """A copy of a tiny model dir whose config.json went through ``edit(dict)``."""
+    import shutil
+
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "edit"),
+    [
+        # Qwen2/3 configs from before layer_types: windows only from max_window_layers on
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+         lambda c: c.pop("layer_types")),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+         lambda c: c.pop("layer_types")),
+        # keys transformers ignores for a family are ignored here too
+        ("llama", {}, lambda c: c.update(sliding_window=8)),
+        ("mistral", {}, lambda c: c.update(attention_bias=True)),
+        ("qwen2", {}, lambda c: c.update(mlp_bias=True)),
+        # Qwen3's head_dim defaults to 128, not hidden_size / heads
+        ("qwen3", {"head_dim": 128}, lambda c: c.pop("head_dim")),
+    ],
+    ids=["qwen2-old-window", "qwen3-old-window", "llama-window-key", "mistral-bias-key",
+         "qwen2-mlp-bias-key", "qwen3-default-head-dim"],
+)  # fmt: skip
+def test_config_keys_read_as_transformers_reads_them(
+    make_tiny_model, tmp_path, model_type, overrides, edit
+):
+    path = _edited_copy(make_tiny_model(model_type, **overrides), tmp_path, edit)
+    ours = load_model(path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(3, 400, (2, 40))  # longer than the window of 8
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf_model(path)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_config_that_does_not_match_the_weights_is_one_clear_error(make_tiny_model, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.models.config import ModelConfig
+
+    path = _edited_copy(make_tiny_model("llama"), tmp_path, lambda c: c.update(vocab_size=500))
+    with pytest.raises(TunelabError, match=r"lm_head.weight has shape \(416, 64\).*\(500, 64\)"):
+        load_model(path, device="cpu", dtype=torch.float32)
+    base = json.loads((make_tiny_model("llama") / "config.json").read_text())
+    rope = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}
+    broken = {**base, "rope_parameters": rope}
+    with pytest.raises(TunelabError, match="needs low_freq_factor, high_freq_factor"):
+        ModelConfig.from_dict(broken)
+    with pytest.raises(TunelabError, match="wrong type"):
+        ModelConfig.from_dict({**base, "num_hidden_layers": "two"})

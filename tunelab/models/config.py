@@ -91,6 +91,7 @@ class ModelConfig:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             rope_theta, rope_scaling = _read_rope(cfg)
+            bias = bool(cfg.get("attention_bias", False))
             config = cls(
                 model_type=model_type,
                 vocab_size=int(cfg["vocab_size"]),
@@ -99,18 +100,20 @@ class ModelConfig:
                 num_hidden_layers=int(cfg["num_hidden_layers"]),
                 num_attention_heads=heads,
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                head_dim=_read_head_dim(cfg, hidden, heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                # As transformers builds each family: Qwen2 always has q/k/v biases, Mistral
+                # never has biases, Llama and Qwen3 follow attention_bias; only Llama mlp_bias.
+                attention_bias=model_type == "qwen2" or (model_type != "mistral" and bias),
+                o_proj_bias=model_type in ("llama", "qwen3") and bias,
+                mlp_bias=model_type == "llama" and bool(cfg.get("mlp_bias", False)),
                 qk_norm=model_type == "qwen3",
                 sliding_window=_read_sliding_window(cfg),
-                layer_types=list(cfg.get("layer_types") or []),
+                layer_types=_read_layer_types(cfg),
                 hidden_act=cfg.get("hidden_act", "silu"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
@@ -121,6 +124,8 @@ class ModelConfig:
             raise TunelabError(
                 f"{source}: required key {e.args[0]!r} is missing; is this a complete HF config?"
             ) from e
+        except (ValueError, TypeError) as e:  # "two" layers, a list for rope_scaling...
+            raise TunelabError(f"{source}: a value has the wrong type ({e}); fix the file.") from e
         config.validate(source)
         return config
 
@@ -138,6 +143,15 @@ class ModelConfig:
             raise TunelabError(
                 f"{source}: rope scaling {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})."
+            )
+        needs = {"linear": ("factor",), "yarn": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}  # fmt: skip
+        missing = [k for k in needs.get(self.rope_type, ()) if k not in (self.rope_scaling or {})]
+        if missing:
+            raise TunelabError(
+                f"{source}: rope scaling {self.rope_type!r} needs {', '.join(missing)}; "
+                "the config is incomplete."
             )
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             raise TunelabError(f"{source}: layer_types must have one entry per layer.")
@@ -169,8 +183,33 @@ def _read_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, (scaling if kind != "default" else None)
 
 
+def _read_head_dim(cfg: dict[str, Any], hidden: int, heads: int) -> int:
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    return 128 if cfg.get("model_type") == "qwen3" else hidden // heads  # transformers' defaults
+
+
 def _read_sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The window as transformers applies it: never for Llama (its attention has none), for
+    Qwen2/3 only with use_sliding_window, for Mistral whenever set."""
     window = cfg.get("sliding_window")
-    if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    model_type = cfg.get("model_type")
+    if model_type == "llama":
+        return None
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         return None
     return int(window) if window else None
+
+
+def _read_layer_types(cfg: dict[str, Any]) -> list[str]:
+    """Which layers slide. Qwen2/3 configs saved before ``layer_types`` existed window only the
+    layers from ``max_window_layers`` on (transformers' rule, default 28)."""
+    if cfg.get("model_type") == "llama":
+        return []
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    if cfg.get("model_type") in ("qwen2", "qwen3") and _read_sliding_window(cfg) is not None:
+        first = int(cfg.get("max_window_layers", 28))
+        layers = int(cfg["num_hidden_layers"])
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    return []

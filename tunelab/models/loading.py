@@ -40,6 +40,7 @@ def load_model(
     state = load_state_dict(model_dir, config, device, dtype)
     with torch.device("meta"):
         model = Decoder(config)
+    _check_shapes(model, state, model_dir)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary.reset(device)
@@ -56,6 +57,20 @@ def load_model(
     return model.eval()
 
 
+def _check_shapes(model: Decoder, state: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """Every checkpoint tensor has the shape config.json implies; else one clear error."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is not None and tuple(want.shape) != tuple(tensor.shape):
+            raise TunelabError(
+                f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}, but config.json "
+                f"implies {tuple(want.shape)}: the config does not match the weights (check "
+                "vocab_size, hidden_size, intermediate_size, num_attention_heads, "
+                "num_key_value_heads and head_dim)."
+            )
+
+
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer saved with the model (it carries the chat template)."""
     from transformers import AutoTokenizer
@@ -68,8 +83,12 @@ def load_tokenizer(model_dir: str | Path):
         )
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise TunelabError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+    except Exception as e:  # transformers raises many types (a bad config.json too)
+        why = (str(e) or type(e).__name__).strip().splitlines()[0]
+        raise TunelabError(
+            f"cannot load the tokenizer in {model_dir} (transformers reads its config.json "
+            f"too): {why}"
+        ) from e
 
 
 def save_pretrained(
@@ -123,7 +142,18 @@ def default_generation_config(config: ModelConfig) -> dict:
 
 def read_generation_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunelabError(
+            f"{path} is not valid JSON ({e}); fix or delete it (it only holds generation "
+            "defaults such as the EOS ids)."
+        ) from None
+    if not isinstance(config, dict):
+        raise TunelabError(f"{path} must hold a JSON object; fix or delete it.")
+    return config
 
 
 def copy_extra_files(src: Path, dst: Path, names: tuple[str, ...] = ("README.md", "LICENSE")):
