@@ -132,6 +132,20 @@ def test_unknown_command_prints_hint(generator, sent):
     assert sent == []
 
 
+def test_a_command_is_a_whole_word(generator, sent):
+    out, _ = chat(generator, "/systemic question\n")
+    assert "unknown command /systemic" in out and sent == []
+
+
+def test_a_turn_that_fails_keeps_the_session(generator, sent):
+    """A turn beyond the context is an error line; the next line is still answered."""
+    too_long = "word " * 400  # the tiny model's context is 256 tokens
+    out, _ = chat(generator, f"{too_long}\n{QUESTION}\n")
+    assert "error:" in out and "/reset" in out
+    assert sent[-1] == [user(QUESTION)]  # the failed turn left no trace in the history
+    assert out.count(PROMPT) == 3
+
+
 # ---- ChatSession and streaming ------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from tunelab.engine.sampler import SamplingParams
 from tunelab.engine.simple import Messages, SimpleGenerator
+from tunelab.errors import TunelabError
 
 PROMPT = "You >> "
 HELP = "Commands: /reset  /system TEXT  /exit"
@@ -61,7 +62,7 @@ def run_chat(
             session.reset()
             stdout.write("(history cleared)\n")
             continue
-        if text.startswith("/system"):
+        if text == "/system" or text.startswith("/system "):
             session.system = text.removeprefix("/system").strip() or None
             session.reset()
             stdout.write(f"(system prompt {'set' if session.system else 'removed'})\n")
@@ -70,9 +71,13 @@ def run_chat(
             stdout.write(f"unknown command {text.split()[0]}. {HELP}\n")
             continue
         answer = []
-        for delta in generator.stream(generator.encode_chat(session.messages(text)), params):
-            answer.append(delta)
-            stdout.write(delta)
-            stdout.flush()
+        try:
+            for delta in generator.stream(generator.encode_chat(session.messages(text)), params):
+                answer.append(delta)
+                stdout.write(delta)
+                stdout.flush()
+        except TunelabError as e:  # e.g. the history outgrew the context: keep the session
+            stdout.write(f"\nerror: {e} (/reset clears the history)\n")
+            continue
         stdout.write("\n")
         session.record(text, "".join(answer))

@@ -75,6 +75,9 @@ def _parse_scalar(value: str) -> Any:
         return value
     if isinstance(parsed, dict | list) and not value.lstrip().startswith(("[", "{")):
         return value
+    quoted = value.strip().startswith(("'", '"'))
+    if isinstance(parsed, str | None) and "#" in value and not quoted:
+        return value  # YAML took " #..." for a comment: "Rule #1 is brevity" is text
     return parsed
 
 

@@ -14,6 +14,7 @@ from tunelab.chat import PROMPT, ChatSession
 from tunelab.cli import setup_logging
 from tunelab.engine.sampler import SamplingParams
 from tunelab.engine.simple import SimpleGenerator
+from tunelab.errors import TunelabError
 
 SCRIPT = [
     "What is the capital of France?",
@@ -27,9 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model spec (default: %(default)s)")
     parser.add_argument("--device", default=None, help="device (default: best available)")
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens per answer")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
-    setup_logging(debug=False, quiet=False)
+    setup_logging(debug=args.debug, quiet=False)
+    try:
+        return _run(args)
+    except TunelabError as e:  # a bad --model / --device, a failed download: one line
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args: argparse.Namespace) -> int:
     generator = SimpleGenerator.load(args.model, device=args.device)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     session = ChatSession()  # the model's own default system prompt

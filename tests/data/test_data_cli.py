@@ -171,6 +171,9 @@ def test_overrides_parse_yaml_scalars_and_flow_collections_only():
         }
     }
     assert parse_overrides(["--data.prompt", "- {title}"]) == {"data": {"prompt": "- {title}"}}
+    for text in ("Rule #1 is brevity", "#1 rule: be brief"):  # not YAML comments
+        assert parse_overrides(["--data.system", text]) == {"data": {"system": text}}
+    assert parse_overrides(["--data.system", '"quoted #x"']) == {"data": {"system": "quoted #x"}}
 
 
 def test_bundled_instruct_data_with_tiny_tokenizer(tmp_path, make_tiny_model, capsys):

@@ -10,7 +10,7 @@ import yaml
 
 from tunelab.cli import main
 from tunelab.errors import TunelabError
-from tunelab.serve.commands import backend_command, parse_adapters
+from tunelab.serve.commands import backend_command, backend_env, parse_adapters
 from tunelab.serve.k8s import write_k8s
 
 
@@ -44,6 +44,24 @@ def test_backend_command_or_clear_error(backend, monkeypatch):
     cmd = backend_command(backend, "/m", _args(), "name", {"a": "/ad"})
     assert "/m" in cmd and "9000" in cmd and "name" in cmd and "bfloat16" in cmd
     assert any("a=/ad" in c for c in cmd)
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang", "lmdeploy"])
+def test_backend_maps_every_flag_or_refuses_it(backend, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda _: object())
+    tuned = _args(memory_fraction=0.5, no_prefix_caching=True, max_num_batched_tokens=4096)
+    if backend == "lmdeploy":  # no equivalents: refused, never dropped silently
+        with pytest.raises(TunelabError, match="no equivalent of --max-num-batched-tokens, "
+                           "--memory-fraction, --no-prefix-caching"):  # fmt: skip
+            backend_command(backend, "/m", tuned, "name", {})
+    else:
+        cmd = backend_command(backend, "/m", tuned, "name", {})
+        assert "0.5" in cmd and "4096" in cmd
+        assert {"--no-enable-prefix-caching", "--disable-radix-cache"} & set(cmd)
+    with pytest.raises(TunelabError, match="no equivalent of --max-queue"):
+        backend_command(backend, "/m", _args(max_queue=8), "name", {})
+    assert "--max-queue" not in " ".join(backend_command(backend, "/m", _args(), "name", {}))
+    assert backend_env(backend, _args(device="cuda:1"))["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_deploy_k8s(tmp_path, capsys):

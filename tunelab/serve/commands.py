@@ -97,7 +97,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
         cmd = backend_command(args.backend, str(resolve_model(args.model)), args, name, adapters)
         log.info("starting %s: %s", args.backend, " ".join(cmd))
-        os.execvp(cmd[0], cmd)  # signals (SIGTERM) go straight to the backend's server
+        # signals (SIGTERM) go straight to the backend's server
+        os.execvpe(cmd[0], cmd, backend_env(args.backend, args))
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -134,18 +135,44 @@ def _dtype(dtype: str | None) -> str | None:
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype or "", dtype)
 
 
+# Our flag -> (its value in args, the value meaning "not given") for the checks below.
+_NOT_GIVEN = {
+    "--max-num-batched-tokens": ("max_num_batched_tokens", None),
+    "--max-cache-tokens": ("max_cache_tokens", None),
+    "--memory-fraction": ("memory_fraction", 0.9),
+    "--attention-backend": ("attention_backend", "auto"),
+    "--cuda-graphs": ("cuda_graphs", "auto"),
+    "--no-prefix-caching": ("no_prefix_caching", False),
+    "--max-queue": ("max_queue", 256),
+    "--shutdown-timeout": ("shutdown_timeout", 30.0),
+    "--max-lora-rank": ("max_lora_rank", None),
+}
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    attr, default = _NOT_GIVEN[flag]
+    return getattr(args, attr, default) not in (default, None)
+
+
 def backend_command(
     backend: str, model_dir: str, args: argparse.Namespace, name: str, adapters: dict[str, str]
 ) -> list[str]:
-    """The command line that starts ``backend``'s OpenAI server with our flags' equivalents."""
+    """The command line that starts ``backend``'s OpenAI server with our flags' equivalents.
+
+    A flag the backend has no equivalent for is refused (never silently dropped). A device
+    index (``cuda:1``) becomes ``CUDA_VISIBLE_DEVICES`` (``ASCEND_RT_VISIBLE_DEVICES``).
+    """
     module = {"vllm": "vllm", "sglang": "sglang", "lmdeploy": "lmdeploy"}[backend]
     if importlib.util.find_spec(module) is None and shutil.which(module) is None:
         raise TunelabError(
             f"--backend {backend} needs {module}, which is not installed here: "
             f"`pip install {module}` (on a GPU machine), or use --backend tunelab."
         )
+    if args.device and not args.device.startswith(("cuda", "npu")):
+        raise TunelabError(f"--backend {backend} runs on GPUs/NPUs, not --device {args.device}.")
     dtype = _dtype(args.dtype)
     py = sys.executable
+    mapped: dict[str, list[str]] = {}  # our flag -> the backend's arguments
     if backend == "vllm":
         cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
@@ -154,8 +181,20 @@ def backend_command(
         cmd += ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
-            rank = getattr(args, "max_lora_rank", None)
-            cmd += ["--max-lora-rank", str(rank)] if rank else []
+        mapped = {
+            "--max-num-batched-tokens": [
+                "--max-num-batched-tokens",
+                str(getattr(args, "max_num_batched_tokens", None)),
+            ],
+            "--memory-fraction": [
+                "--gpu-memory-utilization",
+                str(getattr(args, "memory_fraction", None)),
+            ],
+            "--no-prefix-caching": ["--no-enable-prefix-caching"],
+            "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
+        }
+        if getattr(args, "cuda_graphs", "auto") == "off":
+            mapped["--cuda-graphs"] = ["--enforce-eager"]
     elif backend == "sglang":
         cmd = [py, "-m", "sglang.launch_server", "--model-path", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
@@ -164,6 +203,20 @@ def backend_command(
         cmd += ["--max-running-requests", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--lora-paths", *(f"{k}={v}" for k, v in adapters.items())]
+        mapped = {
+            "--max-num-batched-tokens": [
+                "--chunked-prefill-size",
+                str(getattr(args, "max_num_batched_tokens", None)),
+            ],
+            "--memory-fraction": [
+                "--mem-fraction-static",
+                str(getattr(args, "memory_fraction", None)),
+            ],
+            "--no-prefix-caching": ["--disable-radix-cache"],
+            "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
+        }
+        if getattr(args, "cuda_graphs", "auto") == "off":
+            mapped["--cuda-graphs"] = ["--disable-cuda-graph"]
     else:
         cmd = ["lmdeploy", "serve", "api_server", model_dir]
         cmd += ["--server-name", args.host, "--server-port", str(args.port)]
@@ -173,9 +226,26 @@ def backend_command(
         cmd += ["--max-batch-size", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--adapters", *(f"{k}={v}" for k, v in adapters.items())]
-    if args.device and not args.device.startswith(("cuda", "npu")):
-        raise TunelabError(f"--backend {backend} runs on GPUs/NPUs, not --device {args.device}.")
+    unmapped = [f for f in _NOT_GIVEN if _given(args, f) and f not in mapped]
+    if unmapped:
+        raise TunelabError(
+            f"--backend {backend} has no equivalent of {', '.join(unmapped)}: drop "
+            f"{'it' if len(unmapped) == 1 else 'them'}, or use --backend tunelab."
+        )
+    for flag, extra in mapped.items():
+        if _given(args, flag):
+            cmd += extra
     return cmd
+
+
+def backend_env(backend: str, args: argparse.Namespace) -> dict[str, str]:
+    """The environment for the backend's process: the device index as visible devices."""
+    env = dict(os.environ)
+    device = args.device or ""
+    if ":" in device:
+        kind, index = device.split(":", 1)
+        env["ASCEND_RT_VISIBLE_DEVICES" if kind == "npu" else "CUDA_VISIBLE_DEVICES"] = index
+    return env
 
 
 def add_deploy_flags(p: argparse.ArgumentParser) -> None:
