@@ -68,6 +68,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.data_verb == "prepare":
         return run_prepare(args.config, args.overrides)
+    if args.n < 1:
+        raise TunelabError(f"-n must be at least 1 (got {args.n}).")
     return run_show(args.config, args.n, args.overrides)
 
 

@@ -130,3 +130,18 @@ def test_export_peft_normalises_and_checks(base, adapter, tmp_path):
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
     with pytest.raises(TunelabError, match="already exists"):
         export_peft(str(base), old, out)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--format", "gguf", "--dtype", "fp32"], "--dtype does not apply here"),
+        (["--format", "hf", "--quant", "q8_0"], "--quant does not apply here"),
+        (["--format", "gguf", "--device", "cuda:7"], "--device does not apply here"),
+        (["--format", "hf", "--qlora", "yes"], "--qlora does not apply here"),
+    ],
+)
+def test_export_refuses_flags_its_format_does_not_read(base, tmp_path, capsys, flags, message):
+    argv = ["export", "--model", str(base), "--out", str(tmp_path / "x"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()

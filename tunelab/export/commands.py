@@ -28,8 +28,24 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """A flag the chosen --format never reads is an error, not silently ignored."""
+    merge = args.adapter is not None and args.format in ("hf", "gguf")
+    merge_only = "only merging an adapter (--adapter with --format hf or gguf) reads it"
+    checks = [
+        ("--dtype", args.dtype is not None and args.format != "hf", "only --format hf reads it"),
+        ("--quant", args.quant != "f16" and args.format != "gguf", "only --format gguf reads it"),
+        ("--device", args.device != "cpu" and not merge, merge_only),
+        ("--qlora", args.qlora != "auto" and not merge, merge_only),
+    ]
+    for flag, unused, why in checks:
+        if unused:
+            raise TunelabError(f"{flag} does not apply here: {why}; drop it.")
+
+
 def run_export(args: argparse.Namespace) -> int:
     """``tunelab export --format hf|peft|gguf``: prints the written path."""
+    _refuse_unused(args)
     if args.format == "hf":
         if args.adapter:
             args.dtype = args.dtype or "bf16"
@@ -86,14 +102,17 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
         help="hf: weight dtype (default: bf16 when merging, else the source's dtype)",
     )
     p.add_argument(
-        "--quant", default="f16", choices=["f16", "q8_0", "f32"], help="gguf: tensor type"
+        "--quant",
+        default="f16",
+        choices=["f16", "q8_0", "f32"],
+        help="gguf: tensor type (default: %(default)s)",
     )
     _add_common(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--device", default="cpu", help="where the merge computes (default: cpu)")
+    p.add_argument("--device", default="cpu", help="where an adapter merge computes (default: cpu)")
     p.add_argument(
         "--qlora",
         default="auto",

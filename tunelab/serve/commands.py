@@ -46,7 +46,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="the model's name in the API (default: --model)"
     )
     p.add_argument("--device", default=None, help="cuda, cuda:N, npu, npu:N, mps or cpu")
-    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="weights and KV cache (default: bf16 where the accelerator supports it, fp32 on CPU)",
+    )
     p.add_argument(
         "--backend", default="tunelab", choices=BACKENDS, help="server (default: %(default)s)"
     )
@@ -255,10 +260,12 @@ def add_deploy_flags(p: argparse.ArgumentParser) -> None:
     k.add_argument("--model", required=True, help="model spec or directory to serve")
     k.add_argument("--out", required=True, help="output directory")
     k.add_argument("--name", default=None, help="resource name (default: from the model)")
-    k.add_argument("--port", type=int, default=8000)
+    k.add_argument("--port", type=int, default=8000, help="container port (default: 8000)")
     k.add_argument("--image", default=None, help="image tag (default: tunelab-serve-NAME:latest)")
     k.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per pod (default: 0)")
-    k.add_argument("--served-model-name", default=None)
+    k.add_argument(
+        "--served-model-name", default=None, help="the model's name in the API (default: --name)"
+    )
     k.add_argument("--overwrite", action="store_true", help="replace files in --out")
 
 
