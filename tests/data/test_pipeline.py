@@ -166,6 +166,19 @@ def test_split_of_a_weighted_source_never_puts_an_example_on_both_sides(tmp_path
     assert len(set(train_rows)) == 32 and len(train_rows) > 64  # the rest, weighted
 
 
+def test_fingerprint_takes_mixed_and_typed_role_tag_keys(tmp_path, tok):
+    from tunelab.data.pipeline import fingerprint
+
+    train = write(tmp_path / "train.jsonl", rows(4))
+    template = "{{ messages }}"
+    mixed = fingerprint(
+        cfg(tmp_path, train, role_tags={0: "user", "gpt": "assistant"}), tok, template
+    )
+    as_int = fingerprint(cfg(tmp_path, train, role_tags={0: "user"}), tok, template)
+    as_str = fingerprint(cfg(tmp_path, train, role_tags={"0": "user"}), tok, template)
+    assert len({mixed, as_int, as_str}) == 3  # {0: ...} and {"0": ...} match different data
+
+
 def test_split_without_shuffle_keeps_file_order(tmp_path, tok):
     train = write(tmp_path / "train.jsonl", rows(20))
     data = prepare(cfg(tmp_path, train, split=0.2, shuffle=False), tok)

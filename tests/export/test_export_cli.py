@@ -138,6 +138,7 @@ def test_export_peft_normalises_and_checks(base, adapter, tmp_path):
         (["--format", "gguf", "--dtype", "fp32"], "--dtype does not apply here"),
         (["--format", "hf", "--quant", "q8_0"], "--quant does not apply here"),
         (["--format", "gguf", "--device", "cuda:7"], "--device does not apply here"),
+        (["--format", "gguf", "--adapter", "a", "--device", "cuda"], "gguf merges on the CPU"),
         (["--format", "hf", "--qlora", "yes"], "--qlora does not apply here"),
     ],
 )

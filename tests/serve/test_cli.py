@@ -61,7 +61,10 @@ def test_backend_maps_every_flag_or_refuses_it(backend, monkeypatch):
     with pytest.raises(TunelabError, match="no equivalent of --max-queue"):
         backend_command(backend, "/m", _args(max_queue=8), "name", {})
     assert "--max-queue" not in " ".join(backend_command(backend, "/m", _args(), "name", {}))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert backend_env(backend, _args(device="cuda:1"))["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # cuda:1 is then physical GPU 3
+    assert backend_env(backend, _args(device="cuda:1"))["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 def test_deploy_k8s(tmp_path, capsys):

@@ -25,7 +25,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the encoding logic changes, so old caches are not reused
+CACHE_VERSION = 4  # bump when the encoding logic changes, so old caches are not reused
 # DataConfig fields that do not change the tokens (and so stay out of the fingerprint).
 NOT_IN_FINGERPRINT = {"num_proc", "cache_dir", "packing", "on_error"}
 
@@ -152,7 +152,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, template: str) -> str:
     h = hashlib.sha256(f"tunelab-data-v{CACHE_VERSION}".encode())
     skip = NOT_IN_FINGERPRINT | {"train", "val"}
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
-    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_typed_keys(options), sort_keys=True, default=str).encode())
     h.update(template.encode())
     h.update(_tokenizer_identity(tokenizer).encode())
     for split, sources in (("train", cfg.train), ("val", cfg.val)):
@@ -170,6 +170,16 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, template: str) -> str:
 
 def _source_list(sources: Any) -> list[Any]:
     return sources if isinstance(sources, list) else [] if sources is None else [sources]
+
+
+def _typed_keys(value: Any) -> Any:
+    """Dict keys as "type:key" strings: role_tags may mix 0 and "gpt" (json cannot sort that)
+    and {0: ...} must not share a cache with {"0": ...} (they match different data)."""
+    if isinstance(value, dict):
+        return {f"{type(k).__name__}:{k}": _typed_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_typed_keys(v) for v in value]
+    return value
 
 
 def _source_field(item: Any, name: str, default: Any) -> Any:
@@ -283,9 +293,8 @@ def _split(train, fraction: float, seed: int):
     """
     if not 0 < fraction < 1:
         raise TunelabError(f"data.split must be between 0 and 1 (got {fraction}).")
-    groups: dict[tuple, list[int]] = {}
-    ids, labels = _column(train, "input_ids").to_pylist(), _column(train, "labels").to_pylist()
-    for i, key in enumerate(zip(map(tuple, ids), map(tuple, labels), strict=True)):
+    groups: dict[bytes, list[int]] = {}
+    for i, key in enumerate(_row_digests(train)):
         groups.setdefault(key, []).append(i)
     distinct = list(groups.values())  # first-occurrence order
     n_val = max(1, round(len(distinct) * fraction))
@@ -299,6 +308,24 @@ def _split(train, fraction: float, seed: int):
     dropped = {i for g in held_out for i in distinct[g]}
     rest = [i for i in range(len(train)) if i not in dropped]
     return train.select(rest), train.select(val_rows)
+
+
+def _row_digests(dataset) -> Iterator[bytes]:
+    """A 16-byte digest of each row's input_ids and labels, read straight from Arrow's
+    buffers (a Python list per row would cost ~70 bytes a token)."""
+    import numpy as np
+
+    columns = []
+    for name in ("input_ids", "labels"):
+        array = _column(dataset, name).combine_chunks()
+        offsets = np.asarray(array.offsets)
+        values = np.asarray(array.values)
+        columns.append((offsets, values))
+    (id_off, ids), (lab_off, labels) = columns
+    for i in range(len(id_off) - 1):
+        h = hashlib.blake2b(ids[id_off[i] : id_off[i + 1]].tobytes(), digest_size=16)
+        h.update(labels[lab_off[i] : lab_off[i + 1]].tobytes())
+        yield h.digest()
 
 
 def _column(dataset, name: str):

@@ -68,10 +68,7 @@ class PackedWeight:
         self.stamp: tuple | None = None
 
     def _stamp(self, weight: torch.Tensor) -> tuple:
-        # Inference tensors (made under inference_mode) have no version counter; nothing can
-        # change them in place outside inference_mode, so their identity is enough.
-        version = None if weight.is_inference() else weight._version
-        return id(weight), weight.data_ptr(), version
+        return id(weight), weight.data_ptr(), weight._version
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -84,6 +81,8 @@ class PackedWeight:
             return None  # the packed op has no backward
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             return None  # moved or cast since it was packed
+        if weight.is_inference():  # no version counter: an in-place change would go unseen
+            return None
         stamp = self._stamp(weight)
         if stamp != self.stamp:  # new, replaced (assign=True, .weight = ...) or changed in place
             self.weight, self.packed, self.stamp = weight, _pack(weight), stamp

@@ -32,12 +32,14 @@ def _refuse_unused(args: argparse.Namespace) -> None:
     """A flag the chosen --format never reads is an error, not silently ignored."""
     merge = args.adapter is not None and args.format in ("hf", "gguf")
     merge_only = "only merging an adapter (--adapter with --format hf or gguf) reads it"
+    hf_merge = args.adapter is not None and args.format == "hf"
     checks = [
         ("--dtype", args.dtype is not None and args.format != "hf", "only --format hf reads it"),
         ("--quant", args.quant != "f16" and args.format != "gguf", "only --format gguf reads it"),
-        ("--device", args.device != "cpu" and not merge, merge_only),
+        ("--device", args.device != "cpu" and not hf_merge,
+         "only an hf merge (--adapter with --format hf) reads it; gguf merges on the CPU"),
         ("--qlora", args.qlora != "auto" and not merge, merge_only),
-    ]
+    ]  # fmt: skip
     for flag, unused, why in checks:
         if unused:
             raise TunelabError(f"{flag} does not apply here: {why}; drop it.")

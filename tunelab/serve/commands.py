@@ -198,8 +198,8 @@ def backend_command(
             "--no-prefix-caching": ["--no-enable-prefix-caching"],
             "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
         }
-        if getattr(args, "cuda_graphs", "auto") == "off":
-            mapped["--cuda-graphs"] = ["--enforce-eager"]
+        graphs = getattr(args, "cuda_graphs", "auto")
+        mapped["--cuda-graphs"] = ["--enforce-eager"] if graphs == "off" else []  # on: default
     elif backend == "sglang":
         cmd = [py, "-m", "sglang.launch_server", "--model-path", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
@@ -220,8 +220,8 @@ def backend_command(
             "--no-prefix-caching": ["--disable-radix-cache"],
             "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
         }
-        if getattr(args, "cuda_graphs", "auto") == "off":
-            mapped["--cuda-graphs"] = ["--disable-cuda-graph"]
+        graphs = getattr(args, "cuda_graphs", "auto")
+        mapped["--cuda-graphs"] = ["--disable-cuda-graph"] if graphs == "off" else []
     else:
         cmd = ["lmdeploy", "serve", "api_server", model_dir]
         cmd += ["--server-name", args.host, "--server-port", str(args.port)]
@@ -249,7 +249,13 @@ def backend_env(backend: str, args: argparse.Namespace) -> dict[str, str]:
     device = args.device or ""
     if ":" in device:
         kind, index = device.split(":", 1)
-        env["ASCEND_RT_VISIBLE_DEVICES" if kind == "npu" else "CUDA_VISIBLE_DEVICES"] = index
+        var = "ASCEND_RT_VISIBLE_DEVICES" if kind == "npu" else "CUDA_VISIBLE_DEVICES"
+        visible = [d.strip() for d in env.get(var, "").split(",") if d.strip()]
+        if visible:  # cuda:1 is the second of the devices already visible, as torch sees it
+            if not index.isdigit() or int(index) >= len(visible):
+                raise TunelabError(f"--device {device}: only {len(visible)} visible ({var}).")
+            index = visible[int(index)]
+        env[var] = index
     return env
 
 
