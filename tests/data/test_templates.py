@@ -53,6 +53,28 @@ MISTRAL_MERGE = (  # the prompt ends with a space that BPE merges into the answe
     "{{ '[INST] ' + m['content'] + ' [/INST] ' }}{% elif m['role'] == 'assistant' %}"
     "{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
 )
+SYSTEM_IN_LAST_USER = (  # Mistral v0.3-like: the system prompt joins the last user turn
+    "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{% set rest = messages[1:] if sys else messages %}"
+    "{% set last_user = namespace(i=-1) %}{% for m in rest %}"
+    "{% if m['role'] == 'user' %}{% set last_user.i = loop.index0 %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for m in rest %}{% if m['role'] == 'user' %}"
+    "{% if loop.index0 == last_user.i and sys %}{{ '[INST] ' + sys + '\n\n' + m['content']"
+    " + '[/INST]' }}{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+EOS_AT_THE_END = (  # Phi-3-like: a whole chat (no generation prompt) ends with eos
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+QWEN3_THINK = (  # history answers are rendered without their think block
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "{{ '<|im_start|>assistant\n' + m['content'].split('</think>')[-1].strip() + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 CHATML_SPECIALS = dict(
     specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     bos="<|im_start|>",
@@ -196,6 +218,45 @@ def test_history_rendered_differently_falls_back_to_content():
     ]
 
 
+def test_an_answer_quoted_in_the_prompt_is_not_trained_there():
+    """The system prompt lands in the last user turn, which lists the labels: the trained
+    tokens are the answer after [/INST], not its copy in the prompt."""
+    tok = make_tokenizer(SYSTEM_IN_LAST_USER, **MISTRAL_SPECIALS)
+    c = conv(("system", "Answer with one word."), ("user", "one of: Paris, Rome. France?"),
+             ("assistant", "Paris"))  # fmt: skip
+    enc = encode(c, tok, SYSTEM_IN_LAST_USER)
+    assert enc.input_ids == reference_ids(tok, c, SYSTEM_IN_LAST_USER)
+    assert trained_runs(tok, enc) == [" Paris</s>"] or trained_runs(tok, enc) == ["Paris</s>"]
+
+
+def test_history_answers_keep_their_end_of_turn_when_the_chat_ends_with_eos():
+    specials = dict(specials=["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"],
+                    bos="<|endoftext|>", eos="<|endoftext|>")  # fmt: skip
+    tok = make_tokenizer(EOS_AT_THE_END, **specials)
+    c = conv(
+        ("user", "Hi"), ("assistant", "Fine, thanks."), ("user", "Bye"), ("assistant", "See you")
+    )
+    enc = encode(c, tok, EOS_AT_THE_END)
+    assert enc.input_ids == reference_ids(tok, c, EOS_AT_THE_END)
+    assert trained_runs(tok, enc)[0] == "Fine, thanks.<|end|>"
+
+
+def test_history_answer_without_its_think_block_is_found():
+    tok = make_tokenizer(QWEN3_THINK, **CHATML_SPECIALS)
+    c = conv(("user", "Hi"), ("assistant", "<think>\nhm\n</think>\n\nHello there"),
+             ("user", "Bye"), ("assistant", "See you"))  # fmt: skip
+    enc = encode(c, tok, QWEN3_THINK)
+    assert enc.input_ids == reference_ids(tok, c, QWEN3_THINK)
+    assert trained_runs(tok, enc) == ["Hello there<|im_end|>", "See you<|im_end|>"]
+
+
+def test_a_trained_first_user_turn_does_not_train_the_default_system_prompt():
+    tok = make_tokenizer(CHATML_SYSTEM, **CHATML_SPECIALS)
+    c = Conversation(turns=[Turn("user", "Hi", True), Turn("assistant", "Hello")], source="x:1")
+    runs = trained_runs(tok, encode(c, tok, CHATML_SYSTEM))
+    assert runs == ["Hi<|im_end|>", "Hello<|im_end|>"]
+
+
 def test_bpe_merge_across_the_boundary_uses_offsets(monkeypatch):
     tok = make_tokenizer(MISTRAL_MERGE, **MISTRAL_SPECIALS)
     c = conv(("user", "What is Paris?"), ("assistant", "capital of France"))
@@ -232,7 +293,7 @@ def test_mask_history_train_on_prompt_and_turn_overrides(chatml_tok):
     c = conv(("user", "Hi"), ("assistant", "Hello there"), ("user", "Bye"), ("assistant", "Ok"))
     c.turns[0].train, c.turns[3].train = True, False
     assert trained_runs(tok, encode(c, tok, t)) == [
-        "<|im_start|>user\nHi<|im_end|>",  # a trained user turn includes its header
+        "Hi<|im_end|>",  # a trained user turn: its content and end-of-turn, as an answer
         "Hello there<|im_end|>",
     ]
     c.turns[0].train = None

@@ -85,3 +85,18 @@ def test_invalid_engine_params_name_the_field():
     ]:
         with pytest.raises(TunelabError, match=field):
             SamplingParams(**kwargs)
+
+
+def test_text_content_parts_render_as_training_joins_them(tiny_llm):
+    llm = tiny_llm("llama")
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}],
+        }
+    ]
+    joined = [{"role": "user", "content": "hi\nthere"}]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    outs = llm.generate([parts, joined, image], GREEDY)
+    assert outs[0].prompt_token_ids == outs[1].prompt_token_ids == llm.encode_chat(joined)
+    assert "content parts of type 'image_url' are not supported" in outs[2].error

@@ -221,12 +221,14 @@ def _turn_span(
     source: str,
 ) -> tuple[int, int]:
     """Character span of turn ``i`` in ``text``: after its generation prompt (assistant) or
-    after the previous turn (others), through its end-of-turn token, trailing whitespace cut."""
+    from its content (others), through its end-of-turn token, trailing whitespace cut."""
     answer = messages[i]["role"] == "assistant"
     before = _try_render(render, messages[:i], answer) if i else ("" if not answer else None)
     after = _try_render(render, messages[: i + 1], False)
     exact = before is not None and after is not None and len(after) >= len(before)
-    if exact and text.startswith(before) and text.startswith(after):
+    # Other turns (a user turn marked train) start at their content, like an answer after its
+    # generation prompt: not at their header, nor at a default system prompt before turn 0.
+    if exact and answer and text.startswith(before) and text.startswith(after):
         return len(before), len(before) + len(text[len(before) : len(after)].rstrip())
     a, b = _locate(text, before, after, messages[i]["content"], i, source)
     return a, a + len(text[a:b].rstrip())
@@ -244,10 +246,19 @@ def _locate(
     text: str, before: str | None, after: str | None, content: str, i: int, source: str
 ) -> tuple[int, int]:
     """Fallback: the turn's content in ``text`` after the common prefix with ``before``, plus
-    the end-of-turn suffix the template writes after the content when the turn is last."""
+    the part of the end-of-turn suffix (what the template writes after the content when the
+    turn is last) that ``text`` continues with."""
     lo = len(commonprefix([before or "", text]))  # noqa: RUF071 (strings, not paths)
-    needle = content if content in text[lo:] else content.strip()
-    a = text.find(needle, lo)  # an empty answer: an empty span where the renderings part
+    # Qwen3 drops a history turn's think block: then only the text after it is rendered.
+    candidates = (content, content.strip(), content.rsplit("</think>", 1)[-1].strip())
+    needle = next((c for c in candidates if c in text[lo:]), content.strip())
+    if after is not None and text.startswith(after) and needle and needle in after[lo:]:
+        # The turn's own rendering is a prefix of the text: its content is the last copy in
+        # it, never an earlier one inside the prompt (templates that put the system prompt
+        # into the last user turn make ``lo`` stop early, so a plain find could land there).
+        a = after.rfind(needle)
+    else:
+        a = text.find(needle, lo)  # an empty answer: an empty span where the renderings part
     if a < 0:
         raise TunelabError(
             f"{source}: cannot find turn {i} in the rendered chat template; the template renders "
@@ -256,8 +267,12 @@ def _locate(
     b = a + len(needle)
     if after is not None and needle in after:
         suffix = after[after.rfind(needle) + len(needle) :]
-        if suffix and text.startswith(suffix, b):
-            b += len(suffix)
+        # A history turn is followed by the next turn, not by what ends a whole chat (Phi-3
+        # adds eos there): keep the shared part, cut before a special token left half-way.
+        common = commonprefix([suffix, text[b : b + len(suffix)]])  # noqa: RUF071
+        if common != suffix and "<" in common and ">" not in common[common.rfind("<") :]:
+            common = common[: common.rfind("<")]
+        b += len(common)
     return a, b
 
 

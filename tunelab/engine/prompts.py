@@ -44,6 +44,7 @@ def encode_chat(
         raise TunelabError("the conversation is empty: send at least one message.")
     if not all(isinstance(m, dict) and "role" in m for m in messages):
         raise TunelabError('every chat message needs a "role" (and "content"): {"role": ...}.')
+    messages = [_text_content(m) for m in messages]
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise TunelabError(
             "this model's tokenizer has no chat template: send plain text (a raw prompt) "
@@ -56,10 +57,25 @@ def encode_chat(
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
-    except TemplateError as e:  # the template's own checks (roles must alternate...)
+    except (TemplateError, TypeError) as e:  # its own checks (roles must alternate...)
         raise TunelabError(f"the chat template rejected the messages: {e}") from None
     text = check_text(text, "the messages")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _text_content(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-style content parts ``[{"type": "text", "text": ...}]`` joined as training joins
+    them (data/parsers.py: one newline between parts); other parts are refused."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type", "text") if isinstance(part, dict) else "text"
+        if kind != "text":
+            raise TunelabError(f"content parts of type {kind!r} are not supported; send text.")
+        texts.append(part.get("text", "") if isinstance(part, dict) else str(part))
+    return {**message, "content": "\n".join(texts)}
 
 
 def check_text(text: str, what: str) -> str:

@@ -146,12 +146,13 @@ class ModelList(BaseModel):
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template wants them (text parts joined)."""
+    """Messages as the chat template wants them (text parts joined by a newline, as the
+    training data reader joins them)."""
     out = []
     for m in messages:
         content = m.content
         if isinstance(content, list):
-            content = "".join(p.text for p in content)
+            content = "\n".join(p.text for p in content)
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name:
             d["name"] = m.name
