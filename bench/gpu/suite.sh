@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in stages that each fit one 10-minute device call:
-#   bench/gpu/suite.sh tests    # gpu-marked tests + Triton kernels on CUDA (no interpreter)
-#   bench/gpu/suite.sh engine   # generate + engine throughput vs HF generate, 1B and 8B shapes
-#   bench/gpu/suite.sh train    # LoRA training vs HF+PEFT, 1B (4x2048) and 8B (2x2048)
-#   bench/gpu/suite.sh serve    # serving load sweep on the 1B shape
+#   bench/gpu/suite.sh tests      # Triton kernels compiled on CUDA, then the gpu-marked tests
+#   bench/gpu/suite.sh engine-1b  # generate + engine throughput vs HF generate, 1B shape
+#   bench/gpu/suite.sh engine-8b  # the same, 8B shape
+#   bench/gpu/suite.sh train-1b   # LoRA training vs HF+PEFT, 1B (4x2048 and 2x2048)
+#   bench/gpu/suite.sh train-8b   # the same, 8B (2x2048)
+#   bench/gpu/suite.sh serve      # serving load sweep on the 1B shape
+# (engine / train run both shapes, for sessions with time to spare.) With only ~15 minutes of
+# device time, the order that pays most: tests, engine-1b, train-1b.
+# Each command is cut at STEP_TIMEOUT seconds (default 540); the exit code is the first
+# failing command's, so an early failure is not hidden by a later success.
 # Needs the carried folders made by bench/gpu/prepare.sh: run(..., carry=[".whl", ".gpu"]).
 # Logs go to $OUT/<stage>.log (the device tool brings $OUT back).
 set -uo pipefail
@@ -23,31 +29,44 @@ log="$OUT/$stage.log"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
-run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
+status=0
+run() {
+  echo "+ $*" | tee -a "$log"
+  timeout "${STEP_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "! exit $rc: $*" | tee -a "$log"; [ "$status" -eq 0 ] && status=$rc; fi
+}
+engine() {  # $1: shape (each script builds its own random-init model of that shape)
+  run python3 bench/generate_throughput.py --shape "$1" --batch-sizes 1,64,256 \
+    --prompt-len 256 --new-tokens 256 --repeats 1
+  run python3 bench/engine_throughput.py --shape "$1" --num-prompts 256 \
+    --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 256
+  run python3 bench/engine_throughput.py --shape "$1" --num-prompts 1 \
+    --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 1
+}
+train() {
+  case $1 in
+    1b) run python3 bench/train_lora.py --shape 1b --batch 4 --seq 2048 --grad-ckpt 1
+        run python3 bench/train_lora.py --shape 1b --batch 2 --seq 2048 --grad-ckpt 0
+        [ -f .gpu/hf_peft_lora_train.py ] && BS=4 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 1b ;;
+    8b) run python3 bench/train_lora.py --shape 8b --batch 2 --seq 2048 --grad-ckpt 1
+        [ -f .gpu/hf_peft_lora_train.py ] && BS=2 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 8b ;;
+  esac
+}
 case $stage in
-  tests)
-    run python3 -m pytest -q -m gpu -p no:cacheprovider tests
-    run python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_attention.py ;;
-  engine)
-    for shape in 1b 8b; do
-      run python3 bench/generate_throughput.py --shape "$shape" --batch-sizes 1,64,256 \
-        --prompt-len 256 --new-tokens 256 --repeats 1
-      run python3 bench/engine_throughput.py --shape "$shape" --num-prompts 256 \
-        --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 256
-      run python3 bench/engine_throughput.py --shape "$shape" --num-prompts 1 \
-        --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 1
-    done ;;
-  train)
-    run python3 bench/train_lora.py --shape 1b --batch 4 --seq 2048 --grad-ckpt 1
-    run python3 bench/train_lora.py --shape 1b --batch 2 --seq 2048 --grad-ckpt 0
-    run python3 bench/train_lora.py --shape 8b --batch 2 --seq 2048 --grad-ckpt 1
-    if [ -f .gpu/hf_peft_lora_train.py ]; then  # the reference baseline, same call
-      BS=4 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 1b
-      BS=2 SEQ=2048 GC=1 run python3 .gpu/hf_peft_lora_train.py 8b
-    fi ;;
+  tests)  # kernels first: a device fault poisons the process, and this pins it to a kernel
+    run python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_attention.py
+    run python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+  engine-1b) engine 1b ;;
+  engine-8b) engine 8b ;;
+  engine) engine 1b; engine 8b ;;
+  train-1b) train 1b ;;
+  train-8b) train 8b ;;
+  train) train 1b; train 8b ;;
   serve)
     run python3 bench/gpu/make_model.py 1b /tmp/llama-1b --tokenizer .gpu/tokenizer
     run python3 bench/serve_load.py --launch --model /tmp/llama-1b \
       --concurrency 1,8,32,64 --num-prompts 64 --max-tokens 128 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
+exit $status

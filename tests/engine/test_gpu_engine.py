@@ -73,8 +73,7 @@ def test_triton_matches_sdpa_at_llama_shapes(dtype, head_dim, window):
     # decodes (short to long: 1 and several splits), then chunks with and without a prefix
     entries = [(0, 1), (15, 1), (700, 1), (3000, 1), (0, 300), (2048, 512), (17, 40)]
     caches, meta, (q, k, v) = _mixed_step(shape, entries, 16, dtype)
-    backend = select_backend("auto", CUDA, shape, dtype)
-    assert backend.name == "triton"
+    backend = select_backend("triton", CUDA, shape, dtype)  # a self-check failure raises here
     want = SdpaBackend().context(caches[0], meta).attend(0, window, q, k, v)
     got = backend.context(caches[1], meta).attend(0, window, q, k, v)
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -108,9 +107,11 @@ def test_cuda_graphs_match_eager_and_hf(make_tiny_model, hf_greedy, model_type):
     prompts = prompts_of_lengths([5, 40, 17, 9, 70, 33], seed=7)
     lens = [24, 6, 16, 24, 3, 11]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
-    graphs = _engine(path, torch.float32, attention_backend="auto")
-    assert graphs.engine.runner.backend.name == "triton"
+    # explicit: a self-check or capture failure raises (auto would log it and fall back)
+    graphs = _engine(path, torch.float32, attention_backend="triton", cuda_graphs=True)
     assert graphs.engine.runner.graphs is not None
+    auto = select_backend("auto", CUDA, graphs.engine.model.config, torch.float32)
+    assert auto.name == "triton"
     replays = []
     run = graphs.engine.runner.graphs.run
     graphs.engine.runner.graphs.run = lambda *a: replays.append(1) or run(*a)

@@ -70,7 +70,9 @@ def store_kv(
 # ---- decode -------------------------------------------------------------------------------
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialised (Triton would compile
+# a variant whenever one is 1 or a multiple of 16, stalling a step mid-serve).
+@triton.jit(do_not_specialize=["stride_bt", "window", "chunk"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, lse_ptr, ctx_ptr, bt_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -238,7 +240,7 @@ def decode_scratch(
 # ---- prefill ------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "first_entry", "window"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, qstart_ptr, ctx_ptr, bt_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -303,8 +305,11 @@ def _prefill_kernel(
     tl.store(op, out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-def prefill_tiles(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for the prefill kernel: smaller tiles for wide heads."""
+def prefill_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for the prefill kernel: smaller tiles for wide heads, and for fp32,
+    whose 64x64 tiles spill registers from head dim 64 up (ptxas, sm_90, Triton 3.6)."""
+    if dtype == torch.float32:
+        return (32, 32) if _pow2(head_dim) <= 128 else (16, 32)
     return (64, 64) if _pow2(head_dim) <= 128 else (32, 32)
 
 
@@ -331,7 +336,7 @@ def paged_prefill(
         return
     _, H, D = q.shape
     n_kv = kc.shape[2]
-    block_m, block_n = tiles or prefill_tiles(D)
+    block_m, block_n = tiles or prefill_tiles(D, q.dtype)
     grid = (triton.cdiv(max_query_len, block_m), H, num_entries)
     _prefill_kernel[grid](
         q, kc, vc, out, query_starts, context_lens, block_tables,
