@@ -131,7 +131,7 @@ def resolve_device(spec: DeviceLike | None = None) -> torch.device:
         source = " (from TUNELAB_DEVICE)" if spec != "auto" else ""
     if str(spec).lower() == "auto":
         device_type = available_device_types()[0]
-        index = None if device_type == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))
+        index = None if device_type == "cpu" else _local_rank()
     else:
         device_type, index = _split(spec)
     if not _is_available(device_type):
@@ -247,17 +247,34 @@ def manual_seed(seed: int) -> None:
         torch.npu.manual_seed_all(seed)
 
 
+def _local_rank() -> int:
+    raw = os.environ.get("LOCAL_RANK", "0").strip() or "0"
+    if not raw.isdigit():
+        raise TunelabError(
+            f"LOCAL_RANK={raw!r} is not a device index (a number >= 0); unset it, or let "
+            "torchrun set it."
+        )
+    return int(raw)
+
+
 def rng_state() -> dict | None:
     """RNG states of every visible accelerator of the active type (saved in checkpoints)."""
-    for device_type in ("cuda", "npu"):
-        if _is_available(device_type):
-            return {"type": device_type, "states": _backend(device_type).get_rng_state_all()}
+    for device_type in ("npu", "cuda", "mps"):  # the selection order
+        if not _is_available(device_type):
+            continue
+        if device_type == "mps":  # one generator, no *_all variant
+            return {"type": "mps", "states": torch.mps.get_rng_state()}
+        return {"type": device_type, "states": _backend(device_type).get_rng_state_all()}
     return None
 
 
 def set_rng_state(state: dict | None) -> None:
     """Restore what ``rng_state`` saved (ignored when the accelerator type differs)."""
-    if state and _is_available(state["type"]):
+    if not state or not _is_available(state["type"]):
+        return
+    if state["type"] == "mps":
+        torch.mps.set_rng_state(state["states"])
+    else:
         _backend(state["type"]).set_rng_state_all(state["states"])
 
 
@@ -298,7 +315,14 @@ def supports_bf16(device: DeviceLike) -> bool:
     if device_type == "cpu":
         return True
     check = getattr(_backend(device_type), "is_bf16_supported", None)
-    return bool(check()) if check is not None else True
+    if check is None:
+        return True
+    if device_type == "cuda":  # native only: pre-Ampere GPUs emulate bf16, slowly
+        try:
+            return bool(check(including_emulation=False))
+        except TypeError:  # an older torch without the argument
+            return bool(check())
+    return bool(check())
 
 
 def cpu_bf16_matmul() -> str | None:

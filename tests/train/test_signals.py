@@ -61,3 +61,24 @@ def read_rows_safe(run) -> list[dict]:
         return [r for r in read_rows(run) if "loss" in r]
     except (OSError, ValueError):  # not written yet, or a line half written
         return []
+
+
+def test_a_signal_during_the_final_save_waits_for_it(make_tiny_model, tmp_path):
+    """With save_every 0 the final checkpoint is the only one: a SIGTERM arriving while it is
+    written is held until it is complete (the handlers stay installed through the saves)."""
+    from tests.train.helpers import tiny_config
+    from tunelab.train.trainer import Trainer
+
+    data = write_chats(tmp_path / "chats.jsonl", 8)
+    trainer = Trainer(tiny_config(make_tiny_model("llama"), data, tmp_path / "run",
+                                  tmp_path / "cache"), progress=False)  # fmt: skip
+    save = trainer._save_checkpoint
+
+    def save_with_a_signal():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+        return save()
+
+    trainer._save_checkpoint = save_with_a_signal
+    result = trainer.run()
+    assert [p.name for p in list_checkpoints(result.run_dir)] == ["step-2"]
+    assert result.state.step == 2

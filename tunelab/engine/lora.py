@@ -172,8 +172,14 @@ class LoraRegistry:
         used = {a.slot for a in self.adapters.values()}
         slot = next(i for i in itertools.count() if i not in used)
         template = own_chat_template(Path(path))  # before any layer changes
-        for module, (a, b) in weights.items():
-            self._layer(module).set_slot(slot, a, b, cfg.scaling)
+        layers = {module: self._layer(module) for module in weights}  # refusals raise here
+        try:
+            for module, (a, b) in weights.items():
+                layers[module].set_slot(slot, a, b, cfg.scaling)
+        except BaseException:  # (out of memory growing the stacks): leave the slot clean
+            for layer in layers.values():
+                layer.clear_slot(slot)
+            raise
         adapter = LoadedAdapter(
             name,
             str(path),

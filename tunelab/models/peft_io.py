@@ -124,9 +124,15 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
             f"{path} describes a {raw.get('peft_type')} adapter; tunelab loads LoRA adapters "
             "only (peft_type LORA)."
         )
-    bad = [f"{k}={raw[k]!r}" for k in _UNSUPPORTED if raw.get(k)]
+    bad = [f"{k}={raw[k]!r}" for k in _UNSUPPORTED if raw.get(k) not in (None, False, [], {})]
     if raw.get("bias", "none") != "none":
         bad.append(f"bias={raw['bias']!r}")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # peft re-runs these inits on load, changing the base weight: A·B on the plain base
+        # would compute something else. Convert with peft's path_initial_model_for_weight_
+        # conversion (the adapter then applies to the original base).
+        bad.append(f"init_lora_weights={init!r} (convert it with peft first)")
     if bad:
         raise TunelabError(
             f"{path} uses PEFT options tunelab does not support: {', '.join(bad)}. Merge it "

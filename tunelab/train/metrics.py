@@ -15,13 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tunelab.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s by device-name fragment (vendor data sheets).
+# Dense bf16/fp16 peak FLOP/s by device-name fragment (vendor data sheets); the more specific
+# names first (an "H100 PCIe" must not read as the SXM part).
 PEAK_FLOPS = {
+    "H200NVL": 835e12,
     "H200": 989e12,
+    "H100PCIe": 756e12,
+    "H100NVL": 835e12,
     "H100": 989e12,
     "H800": 989e12,
     "A100": 312e12,
@@ -44,9 +50,13 @@ def flops_per_token(config: ModelConfig, method: str, attn_len: float) -> float:
     return k * matmul_params(config) + attn
 
 
-def peak_flops(device_name: str) -> float | None:
+def peak_flops(device_name: str, dtype: torch.dtype | None = None) -> float | None:
+    """The half-precision tensor peak of a known device; None (no MFU) for fp32 compute,
+    whose peak is another figure entirely, and for devices not in the table."""
+    if dtype == torch.float32:
+        return None
     compact = device_name.replace(" ", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in compact), None)
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in compact.lower()), None)
 
 
 class MetricsLogger:

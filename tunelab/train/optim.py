@@ -33,14 +33,17 @@ def build_optimizer(
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
-    """``warmup`` < 1 is a fraction of the run, otherwise a number of steps."""
-    return round(warmup * total_steps) if warmup < 1 else int(warmup)
+    """``warmup`` < 1 is a fraction of the run (rounded up: a short run still warms up),
+    otherwise a number of steps."""
+    return math.ceil(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    """Multiplier of the base lr at optimizer step ``step`` (0-based). Warmup ramps
+    1/(w+1), 2/(w+1), ... so even one warmup step starts below the full lr (and no step
+    runs at lr 0, as HF's step/w ramp makes the first one do)."""
     if warmup and step < warmup:
-        return (step + 1) / warmup
+        return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total_steps - warmup)

@@ -108,6 +108,8 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, self.total_steps, self.state.step, self.progress)
         batches = self.train_plan.iterate(self.state.epoch, self.state.batch_in_epoch)
         val_loss, saved_at, validated_at = None, None, None
+        # The handlers stay through the final saves: a signal there (the only checkpoint with
+        # save_every 0) waits for them instead of killing the process half-way.
         with self._signals():
             try:
                 while self.state.step < self.total_steps and self._stop_signal is None:
@@ -124,18 +126,19 @@ class Trainer:
                     val_loss = self._validate(metrics)
             finally:
                 metrics.close()
-        path = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-        if saved_at != self.state.step:
-            path = self._save_checkpoint()
-        if self._stop_signal is not None:
-            log.warning(
-                "stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.",
-                self._stop_signal,
-                self.state.step,
-                path,
-            )
-            return TrainResult(self.run_dir, None, self.state, val_loss)
-        return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
+            path = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+            if saved_at != self.state.step:
+                path = self._save_checkpoint()
+            if self._stop_signal is not None:
+                log.warning(
+                    "stopped by signal %d at step %d; checkpoint %s. Run the same command to "
+                    "resume.",
+                    self._stop_signal,
+                    self.state.step,
+                    path,
+                )
+                return TrainResult(self.run_dir, None, self.state, val_loss)
+            return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
 
     # ---- one optimizer step ---------------------------------------------------------------
 
@@ -190,7 +193,8 @@ class Trainer:
         lens = [n for b in micro for row in b.seq_lens for n in row]
         attn_len = sum(n * n for n in lens) / max(sum(lens), 1)
         tps = tokens / elapsed if elapsed > 0 else 0.0
-        peak = peak_flops(dev.device_name(self.device))
+        compute = self.precision.autocast or self.precision.base_dtype  # the matmuls run in
+        peak = peak_flops(dev.device_name(self.device), compute)
         fpt = flops_per_token(self.flops_config, self.cfg.method, attn_len)
         row = {
             "step": self.state.step,
