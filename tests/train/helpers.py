@@ -127,6 +127,7 @@ FALLBACK_ARCHS = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "num_key_value_heads": 2}),  # soft-capping
     "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),  # learned positions
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4}),  # Conv1D, not Linear
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_key_value_heads": 2}),  # 3-D experts
 }
 
 

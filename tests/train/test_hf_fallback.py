@@ -297,6 +297,20 @@ def test_bad_combinations_are_clear_errors(tiny_hf, chats, tmp_path, tiny_tokeni
         Trainer(config(unknown, chats, tmp_path, "run2"), progress=False)
 
 
+def test_qlora_refuses_experts_it_cannot_quantize_and_lora_says_so(
+    tiny_hf, chats, tmp_path, caplog
+):
+    """MoE experts stored as 3-D parameters are no linear layers: NF4 would leave them in
+    full precision (refused, also by the dry run), LoRA leaves them unadapted (a warning)."""
+    pytest.importorskip("torchao")
+    model_dir = tiny_hf("mixtral")
+    with pytest.raises(TunelabError, match=r"qlora quantizes linear layers, but \d+%"):
+        Trainer(config(model_dir, chats, tmp_path, method="qlora"), progress=False)
+    with caplog.at_level("WARNING"):
+        Trainer(config(model_dir, chats, tmp_path, "run2"), progress=False)
+    assert "LoRA adapts linear layers only" in caplog.text
+
+
 def test_dry_run_counts_parameters_without_loading(tiny_hf, chats, tmp_path, monkeypatch):
     import io
 

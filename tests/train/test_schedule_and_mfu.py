@@ -35,3 +35,28 @@ def test_peak_flops_by_part_and_precision():
     assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.float32) is None  # not the bf16 peak
     assert peak_flops("cpu", torch.bfloat16) is None
+
+
+@pytest.mark.parametrize(("method", "extra"), [("full", {}), ("lora", {}),
+                                               ("freeze", {"freeze__last_layers": 1})])  # fmt: skip
+def test_mfu_numerator_matches_the_counted_flops(make_tiny_model, tmp_path, method, extra):
+    """flops_per_token x tokens against torch's FLOP counter for one step (recompute off)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.train.helpers import tiny_config, write_chats
+    from tunelab.train.metrics import flops_per_token
+    from tunelab.train.trainer import Trainer
+
+    path = make_tiny_model("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    data = write_chats(tmp_path / "chats.jsonl", 8)
+    cfg = tiny_config(path, data, tmp_path / "run", tmp_path / "cache", method=method, **extra)
+    trainer = Trainer(cfg, progress=False)
+    batches = trainer.train_plan.iterate(0, 0)
+    with FlopCounterMode(display=False) as counter:
+        row = trainer._step(batches)
+    lens = [n for b in [trainer.train_plan.collate(trainer.train_plan.epoch(0)[0])]
+            for r in b.seq_lens for n in r]  # fmt: skip
+    attn_len = sum(n * n for n in lens) / sum(lens)
+    per_token = flops_per_token(trainer.flops_config, method, attn_len, trainer.freeze_plan)
+    ratio = per_token * row["tokens"] / counter.get_total_flops()
+    assert 0.8 < ratio < 1.15, ratio

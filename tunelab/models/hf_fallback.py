@@ -162,6 +162,19 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
+def non_linear_share(model: nn.Module) -> float:
+    """The share of the blocks' matrix weights that live outside ``nn.Linear`` layers (e.g.
+    MoE experts stored as 3-D parameters): LoRA and NF4 only reach linear layers."""
+    _, layers = decoder_layers(model)
+    in_linear = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
+    total = other = 0
+    for p in layers.parameters():
+        if p.ndim >= 2:
+            total += p.numel()
+            other += p.numel() if id(p) not in in_linear else 0
+    return other / total if total else 0.0
+
+
 def nf4_view(model: nn.Module) -> Any:
     """What ``quantize_base_nf4`` walks (``.model.layers``, ``.to``) for a transformers model."""
     _, layers = decoder_layers(model)

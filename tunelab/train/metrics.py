@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,28 @@ def matmul_params(config: ModelConfig) -> int:
     return config.num_params - config.vocab_size * config.hidden_size
 
 
-def flops_per_token(config: ModelConfig, method: str, attn_len: float) -> float:
+@dataclass(frozen=True)
+class FreezePlan:
+    """What backward reaches in a ``freeze`` run: it stops at the lowest trained layer."""
+
+    layers_above: int  # decoder layers from the lowest trained one up
+    through_params: int  # matmul parameters backward passes activation gradients through
+    trained_params: int  # matmul parameters that get weight gradients
+
+
+def flops_per_token(
+    config: ModelConfig, method: str, attn_len: float, freeze: FreezePlan | None = None
+) -> float:
+    """Model FLOPs per token (docs: performance.md): full ``6·N_mm + 12·L·H·Q·T``, LoRA /
+    QLoRA ``4·N_mm + 12·L·H·Q·T``; ``freeze`` counts what its backward does: ``2·N_mm``
+    forward, ``2·`` the parameters gradients flow through, ``2·`` the trained ones."""
+    per_layer_attn = 4 * config.num_attention_heads * config.head_dim * attn_len  # one pass
+    n_mm = matmul_params(config)
+    if method == "freeze" and freeze is not None:
+        attn = per_layer_attn * (config.num_hidden_layers + 2 * freeze.layers_above)
+        return 2 * n_mm + 2 * freeze.through_params + 2 * freeze.trained_params + attn
     k = 6 if method in ("full", "freeze") else 4
-    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * attn_len
-    return k * matmul_params(config) + attn
+    return k * n_mm + 3 * per_layer_attn * config.num_hidden_layers
 
 
 def peak_flops(device_name: str, dtype: torch.dtype | None = None) -> float | None:

@@ -131,31 +131,54 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, precisi
 
     if cfg.method == "qlora":
         dev.require("qlora_nf4", device)
+    # QLoRA loads on the CPU: quantize_base_nf4 moves one weight at a time to the device, so
+    # the half-precision model never has to fit there (that is what QLoRA is for).
+    load_on = torch.device("cpu") if cfg.method == "qlora" else device
     if hf_fallback.needs_fallback(model_dir):
-        model = hf_fallback.load_hf_model(model_dir, device, precision.base_dtype)
-        configure_method(model, cfg, quantize=True)
+        model = hf_fallback.load_hf_model(model_dir, load_on, precision.base_dtype)
+        configure_method(model, cfg, quantize=True, device=device)
         hf_fallback.check_fallback(model, cfg.data.packing)
         return model
-    model = load_model(model_dir, device=device, dtype=precision.base_dtype)
-    configure_method(model, cfg, quantize=True)
+    model = load_model(model_dir, device=load_on, dtype=precision.base_dtype)
+    configure_method(model, cfg, quantize=True, device=device)
     return model
 
 
-def configure_method(model: nn.Module, cfg: TrainConfig, quantize: bool) -> None:
+def configure_method(
+    model: nn.Module, cfg: TrainConfig, quantize: bool, device: torch.device | None = None
+) -> None:
     """Apply LoRA / QLoRA / freezing in place (``quantize=False`` on a meta model: dry run).
 
-    ``model`` is our ``Decoder`` or a transformers model (the fallback).
+    ``model`` is our ``Decoder`` or a transformers model (the fallback). ``device``: where
+    QLoRA's NF4 weights (and then the whole model) go; default: where the model is.
     """
     from tunelab.models.hf_fallback import enable_grad_checkpointing, is_hf_model, nf4_view
 
     if cfg.method in ("lora", "qlora"):
         from tunelab.models.lora import apply_lora, lora_modules
 
+        if is_hf_model(model):
+            from tunelab.models.hf_fallback import non_linear_share
+
+            share = non_linear_share(model)
+            if share > 0.1 and cfg.method == "qlora":
+                raise TunelabError(
+                    f"qlora quantizes linear layers, but {share:.0%} of this model's block "
+                    "weights are other tensors (e.g. MoE experts stored as 3-D parameters), "
+                    "which would stay in full precision: use method lora (or full)."
+                )
+            if share > 0.1:
+                log.warning(
+                    "LoRA adapts linear layers only; %.0f%% of this model's block weights "
+                    "(e.g. MoE experts) are other tensors and stay frozen without adapters",
+                    100 * share,
+                )
         if cfg.method == "qlora" and quantize:
             from tunelab.models.quant import quantize_base_nf4
 
             target = nf4_view(model) if is_hf_model(model) else model
-            quantize_base_nf4(target, model.device)
+            quantize_base_nf4(target, device or model.device)
+            model.to(device or model.device)  # what the NF4 view does not cover
         apply_lora(model, cfg.lora)
         for module in lora_modules(model).values():  # adapters train in fp32
             module.lora_A.float()
