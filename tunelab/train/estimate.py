@@ -81,11 +81,15 @@ def _estimate(cfg: TrainConfig, model: nn.Module, config: Any, precision: Precis
     act_bytes = 2 if precision.autocast is not None else 4
     tokens = cfg.train.batch_size * cfg.data.max_length
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_layer = tokens * (10 * h + 3 * i) * act_bytes  # qkv, attn out, norms, MLP pieces
+    # qkv, attn out, norms, MLP pieces, x1.5: what autograd actually keeps per layer measured
+    # 1.4x (LoRA) to 1.6x (full) that count (saved_tensors_hooks on a bf16 autocast step).
+    per_layer = int(1.5 * tokens * (10 * h + 3 * i) * act_bytes)
     if cfg.train.grad_checkpointing:
         activations = L * tokens * h * act_bytes + per_layer  # layer inputs + one live layer
     else:
         activations = L * per_layer
+    if precision.autocast is not None and cfg.method in ("full", "freeze"):
+        activations += trainable * 2  # autocast's half-precision copies of the fp32 masters
     if cfg.data.packing:  # the boolean document mask of SDPA
         activations += cfg.train.batch_size * cfg.data.max_length**2
     # The loss keeps one chunk of logits: 16-bit logits + their fp32 copy (softmax in place)
