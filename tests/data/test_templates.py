@@ -250,6 +250,22 @@ def test_history_answer_without_its_think_block_is_found():
     assert trained_runs(tok, enc) == ["Hello there<|im_end|>", "See you<|im_end|>"]
 
 
+@pytest.mark.parametrize("content", ["end", "d", "im", "_", "|", "user"])
+def test_a_turn_whose_text_is_part_of_the_markup_is_found_in_its_place(content):
+    """Content that also occurs in the end-of-turn token or the role header: trained where
+    it is, with its end-of-turn."""
+    tok = make_tokenizer(BUILTIN_TEMPLATES["chatml"], **CHATML_SPECIALS)
+    c = Conversation(turns=[Turn("user", content, True), Turn("assistant", "Hello there")],
+                     source="x:1")  # fmt: skip
+    runs = trained_runs(tok, encode(c, tok, BUILTIN_TEMPLATES["chatml"]))
+    assert runs == [f"{content}<|im_end|>", "Hello there<|im_end|>"]
+    specials = dict(specials=["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"],
+                    bos="<|endoftext|>", eos="<|endoftext|>")  # fmt: skip
+    phi = make_tokenizer(EOS_AT_THE_END, **specials)
+    runs = trained_runs(phi, encode(c, phi, EOS_AT_THE_END))
+    assert runs[0] == f"{content}<|end|>"
+
+
 def test_a_trained_first_user_turn_does_not_train_the_default_system_prompt():
     tok = make_tokenizer(CHATML_SYSTEM, **CHATML_SPECIALS)
     c = Conversation(turns=[Turn("user", "Hi", True), Turn("assistant", "Hello")], source="x:1")
@@ -310,7 +326,8 @@ def test_empty_answer_trains_the_end_of_turn(chatml_tok):
     qwen3 = make_tokenizer(QWEN3_LIKE, **CHATML_SPECIALS)
     c = conv(("user", "Hi"), ("assistant", ""), ("user", "Bye"), ("assistant", "Ok"))
     runs = trained_runs(qwen3, encode(c, qwen3, QWEN3_LIKE))
-    assert runs == ["<think>\n\n</think>\n\nOk<|im_end|>"]  # the empty history answer: nothing
+    # the empty history answer trains its end-of-turn, as history answers with text do
+    assert runs == ["<|im_end|>", "<think>\n\n</think>\n\nOk<|im_end|>"]
 
 
 def test_plain_text_appends_eos_and_trains_everything(chatml_tok):

@@ -22,6 +22,13 @@ def test_the_default_warmup_fraction_warms_short_runs_up(total):
     assert factors[-1] < factors[warm]
 
 
+def test_warmup_fraction_edges():
+    assert warmup_steps(0.07, 100) == 7  # not 8 from 7.000000000000001
+    assert warmup_steps(0.99, 10) == 9  # at most total - 1: the full lr is reached once
+    assert lr_factor(9, 10, warmup_steps(0.99, 10), "constant") == 1.0
+    assert warmup_steps(0.5, 1) == 0  # one step runs at the full lr
+
+
 def test_a_warmup_given_in_steps_is_kept():
     assert warmup_steps(5, 100) == 5 and warmup_steps(0, 100) == 0
     assert lr_factor(0, 10, 0, "constant") == 1.0

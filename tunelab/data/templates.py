@@ -230,8 +230,26 @@ def _turn_span(
     # generation prompt: not at their header, nor at a default system prompt before turn 0.
     if exact and answer and text.startswith(before) and text.startswith(after):
         return len(before), len(before) + len(text[len(before) : len(after)].rstrip())
-    a, b = _locate(text, before, after, messages[i]["content"], i, source)
+    head, tail = _turn_layout(render, messages, i)
+    a, b = _locate(text, before, after, messages[i]["content"], i, source, head, tail)
     return a, a + len(text[a:b].rstrip())
+
+
+_SENTINEL = "\u2063tunelab-turn\u2063"  # invisible separator: no template treats it specially
+
+
+def _turn_layout(
+    render: Callable, messages: list[dict[str, str]], i: int
+) -> tuple[str | None, str | None]:
+    """(head, tail): the rendering before turn ``i``'s content and what the template writes
+    after it (end-of-turn, a chat-final eos...) when it is the last turn, from a rendering
+    with a sentinel for the content; (None, None) if the template will not render that."""
+    probe = [*messages[:i], {**messages[i], "content": _SENTINEL}]
+    rendered = _try_render(render, probe, False)
+    if rendered is None or rendered.count(_SENTINEL) != 1:
+        return None, None
+    head, tail = rendered.split(_SENTINEL, 1)
+    return head, tail
 
 
 def _try_render(render: Callable, msgs: list[dict[str, str]], generation_prompt: bool):
@@ -243,7 +261,14 @@ def _try_render(render: Callable, msgs: list[dict[str, str]], generation_prompt:
 
 
 def _locate(
-    text: str, before: str | None, after: str | None, content: str, i: int, source: str
+    text: str,
+    before: str | None,
+    after: str | None,
+    content: str,
+    i: int,
+    source: str,
+    head: str | None = None,
+    tail: str | None = None,
 ) -> tuple[int, int]:
     """Fallback: the turn's content in ``text`` after the common prefix with ``before``, plus
     the part of the end-of-turn suffix (what the template writes after the content when the
@@ -252,11 +277,18 @@ def _locate(
     # Qwen3 drops a history turn's think block: then only the text after it is rendered.
     candidates = (content, content.strip(), content.rsplit("</think>", 1)[-1].strip())
     needle = next((c for c in candidates if c in text[lo:]), content.strip())
-    if after is not None and text.startswith(after) and needle and needle in after[lo:]:
+    # The turn's own rendering minus what follows its content (``tail``): searching there
+    # never lands inside the end-of-turn text itself (content "end" in "<|im_end|>").
+    end = len(after) - len(tail) if after is not None and tail and after.endswith(tail) else None
+    body = after[:end] if after is not None else None
+    at_head = text.find(needle, len(head)) if head is not None and text.startswith(head) else -1
+    if head is not None and 0 <= at_head - len(head) <= len(content) - len(needle):
+        a = at_head  # the text starts as the turn rendered last: its content follows the head
+    elif body is not None and text.startswith(after) and needle and needle in body[lo:]:
         # The turn's own rendering is a prefix of the text: its content is the last copy in
         # it, never an earlier one inside the prompt (templates that put the system prompt
         # into the last user turn make ``lo`` stop early, so a plain find could land there).
-        a = after.rfind(needle)
+        a = body.rfind(needle)
     else:
         a = text.find(needle, lo)  # an empty answer: an empty span where the renderings part
     if a < 0:
@@ -265,8 +297,10 @@ def _locate(
             "it differently from its prefixes. Use data.train_on_prompt or another data.template."
         )
     b = a + len(needle)
-    if after is not None and needle in after:
+    suffix = tail
+    if suffix is None and after is not None and needle in after:
         suffix = after[after.rfind(needle) + len(needle) :]
+    if suffix:
         # A history turn is followed by the next turn, not by what ends a whole chat (Phi-3
         # adds eos there): keep the shared part, cut before a special token left half-way.
         common = commonprefix([suffix, text[b : b + len(suffix)]])  # noqa: RUF071

@@ -35,7 +35,10 @@ def build_optimizer(
 def warmup_steps(warmup: float, total_steps: int) -> int:
     """``warmup`` < 1 is a fraction of the run (rounded up: a short run still warms up),
     otherwise a number of steps."""
-    return math.ceil(warmup * total_steps) if warmup < 1 else int(warmup)
+    if warmup >= 1:
+        return int(warmup)
+    # round(): 0.07 * 100 is 7.000000000000001; at most total-1 steps, so the lr peaks once
+    return min(math.ceil(round(warmup * total_steps, 9)), max(total_steps - 1, 0))
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:

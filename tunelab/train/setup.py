@@ -155,10 +155,10 @@ def configure_method(
     from tunelab.models.hf_fallback import enable_grad_checkpointing, is_hf_model, nf4_view
 
     if cfg.method in ("lora", "qlora"):
-        from tunelab.models.lora import apply_lora, lora_modules
+        from tunelab.models.lora import apply_lora, candidate_linears, lora_modules
 
-        if is_hf_model(model):
-            from tunelab.models.hf_fallback import non_linear_share
+        if is_hf_model(model) and candidate_linears(model):  # none (GPT-2's Conv1D): the
+            from tunelab.models.hf_fallback import non_linear_share  # target error says so
 
             share = non_linear_share(model)
             if share > 0.1 and cfg.method == "qlora":
