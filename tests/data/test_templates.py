@@ -229,6 +229,25 @@ def test_an_answer_quoted_in_the_prompt_is_not_trained_there():
     assert trained_runs(tok, enc) == [" Paris</s>"] or trained_runs(tok, enc) == ["Paris</s>"]
 
 
+def test_an_answer_repeating_its_prompt_is_trained_after_the_prompt():
+    tok = make_tokenizer(SYSTEM_IN_LAST_USER, **MISTRAL_SPECIALS)
+    c = conv(("system", "Be brief."), ("user", "say hi"), ("assistant", "hi"),
+             ("user", "again"), ("assistant", "ok"))  # fmt: skip
+    enc = encode(c, tok, SYSTEM_IN_LAST_USER)
+    assert enc.input_ids == reference_ids(tok, c, SYSTEM_IN_LAST_USER)
+    assert [r.strip() for r in trained_runs(tok, enc)] == ["hi</s>", "ok</s>"]
+
+
+def test_a_trimmed_turn_is_found_in_place_not_in_a_later_turn():
+    tok = make_tokenizer(LLAMA3_LIKE, **LLAMA3_SPECIALS)
+    c = Conversation(turns=[Turn("user", " hi", True), Turn("assistant", "oh hi there")],
+                     source="x:1")  # fmt: skip
+    assert trained_runs(tok, encode(c, tok, LLAMA3_LIKE)) == [
+        "hi<|eot_id|>",
+        "oh hi there<|eot_id|>",
+    ]
+
+
 def test_history_answers_keep_their_end_of_turn_when_the_chat_ends_with_eos():
     specials = dict(specials=["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>"],
                     bos="<|endoftext|>", eos="<|endoftext|>")  # fmt: skip

@@ -231,8 +231,40 @@ def _turn_span(
     if exact and answer and text.startswith(before) and text.startswith(after):
         return len(before), len(before) + len(text[len(before) : len(after)].rstrip())
     head, tail = _turn_layout(render, messages, i)
-    a, b = _locate(text, before, after, messages[i]["content"], i, source, head, tail)
+    span = _content_span(render, messages, i, text)
+    if span is not None:  # where the template put this turn's content in the whole chat
+        a, b = span
+        b += _end_of_turn(text, b, tail)
+    else:
+        a, b = _locate(text, before, after, messages[i]["content"], i, source, head, tail)
     return a, a + len(text[a:b].rstrip())
+
+
+def _content_span(
+    render: Callable, messages: list[dict[str, str]], i: int, text: str
+) -> tuple[int, int] | None:
+    """Characters of turn ``i``'s rendered content in ``text``: the whole chat rendered with
+    a sentinel for that content only differs from ``text`` there (whatever the template does
+    to it: trims it, drops a think block, moves the system prompt into it)."""
+    probe = [*messages[:i], {**messages[i], "content": _SENTINEL}, *messages[i + 1 :]]
+    rendered = _try_render(render, probe, False)
+    if rendered is None or rendered.count(_SENTINEL) != 1:
+        return None
+    head, tail = rendered.split(_SENTINEL, 1)
+    if not (text.startswith(head) and text.endswith(tail)) or len(head) + len(tail) > len(text):
+        return None
+    return len(head), len(text) - len(tail)
+
+
+def _end_of_turn(text: str, b: int, tail: str | None) -> int:
+    """How much of what the template writes after a last turn's content (``tail``) follows
+    the content at ``b``: the end-of-turn token(s), not a half special token of the next turn."""
+    if not tail:
+        return 0
+    common = commonprefix([tail, text[b : b + len(tail)]])  # noqa: RUF071 (strings)
+    if common != tail and "<" in common and ">" not in common[common.rfind("<") :]:
+        common = common[: common.rfind("<")]
+    return len(common)
 
 
 _SENTINEL = "\u2063tunelab-turn\u2063"  # invisible separator: no template treats it specially
@@ -300,14 +332,9 @@ def _locate(
     suffix = tail
     if suffix is None and after is not None and needle in after:
         suffix = after[after.rfind(needle) + len(needle) :]
-    if suffix:
-        # A history turn is followed by the next turn, not by what ends a whole chat (Phi-3
-        # adds eos there): keep the shared part, cut before a special token left half-way.
-        common = commonprefix([suffix, text[b : b + len(suffix)]])  # noqa: RUF071
-        if common != suffix and "<" in common and ">" not in common[common.rfind("<") :]:
-            common = common[: common.rfind("<")]
-        b += len(common)
-    return a, b
+    # A history turn is followed by the next turn, not by what ends a whole chat (Phi-3 adds
+    # eos there): keep the shared part, cut before a special token left half-way.
+    return a, b + _end_of_turn(text, b, suffix)
 
 
 class _TokenIndex:
