@@ -15,8 +15,12 @@ token ids plus labels. Conventions:
 - The span is found by **rendering prefixes**: ``messages[:i]`` with the generation prompt ends
   where the answer starts, ``messages[:i + 1]`` ends where it ends. Templates that add a default
   system prompt are handled by construction. Templates that render a turn differently once
-  later turns follow (Qwen3 drops think blocks from history) fall back to locating the answer's
-  content in the full rendering.
+  later turns follow (Qwen3 drops think blocks from history, Mistral v0.3 moves the system
+  prompt into the last user turn, Phi-3 ends a whole chat with eos), and non-assistant turns,
+  are located by rendering the whole chat with a sentinel in place of the turn's content: the
+  text around the sentinel is the text around the content. Its end-of-turn is what the
+  template writes after the content when the turn is last, as far as the chat continues with
+  it (never half of the next turn's special token).
 """
 
 from __future__ import annotations
