@@ -19,7 +19,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -71,8 +73,10 @@ async def sweep_level(url: str, model: str, concurrency: int, num: int, max_toke
                 return await one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(run(i) for i in range(num)))
+        outcomes = await asyncio.gather(*(run(i) for i in range(num)), return_exceptions=True)
         wall = time.perf_counter() - t0
+    results = [r for r in outcomes if not isinstance(r, BaseException)]
+    failed = len(outcomes) - len(results)  # counted, not hidden: the goal is none lost
     ttft, tpot, itl, tokens = [], [], [], 0
     for start, times, end, out in results:
         tokens += out
@@ -83,7 +87,7 @@ async def sweep_level(url: str, model: str, concurrency: int, num: int, max_toke
                 tpot.append((end - times[0]) / (out - 1))
     ms = 1000
     return {
-        "concurrency": concurrency, "requests": num, "wall_s": wall,
+        "concurrency": concurrency, "requests": num, "failed": failed, "wall_s": wall,
         "req_per_s": num / wall, "out_tok_per_s": tokens / wall,
         "ttft_p50_ms": pct(ttft, 50) * ms, "ttft_p99_ms": pct(ttft, 99) * ms,
         "tpot_p50_ms": pct(tpot, 50) * ms, "tpot_p99_ms": pct(tpot, 99) * ms,
@@ -95,16 +99,22 @@ async def sweep_level(url: str, model: str, concurrency: int, num: int, max_toke
 def launch(model: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tunelab.cli", "serve", "--model", model, "--port", str(port),
            "--served-model-name", model]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    log_path = Path(os.environ.get("OUT", tempfile.gettempdir())) / "serve_load_server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:  # died at start: say so now, not after the timeout
+            raise SystemExit(f"the server exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not come up")
+    raise SystemExit(f"the server did not come up in 300 s; see {log_path}")
 
 
 def main() -> None:
@@ -122,6 +132,8 @@ def main() -> None:
         port = int(args.base_url.rsplit(":", 1)[1].split("/")[0])
         proc = launch(args.model, port)
     try:
+        # one untimed request first: first-use costs (kernel compiles) stay out of level 1
+        asyncio.run(sweep_level(args.base_url, args.model, 1, 1, 4))
         rows = [
             asyncio.run(sweep_level(args.base_url, args.model, c, args.num_prompts,
                                     args.max_tokens))
@@ -130,12 +142,15 @@ def main() -> None:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # a slow shutdown must not cost the table
+                proc.kill()
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return
-    cols = ["concurrency", "req_per_s", "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
+    cols = ["concurrency", "failed", "req_per_s", "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
             "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms"]  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -44,6 +44,10 @@ engine() {  # $1: shape (each script builds its own random-init model of that sh
   run python3 bench/engine_throughput.py --shape "$1" --num-prompts 1 \
     --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 1
 }
+# The ours/HF ratio for the issue comes from train_lora.py's own hf+peft row (same process,
+# same settings, fused AdamW on both). The shared script is the performance.md reference run,
+# reproduced for comparison with the doc's table (its printed mfu6N is not the doc's formula).
+# The generate/engine figures are single runs (--repeats 1) to fit the device budget.
 train() {
   case $1 in
     1b) run python3 bench/train_lora.py --shape 1b --batch 4 --seq 2048 --grad-ckpt 1
