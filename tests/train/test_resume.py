@@ -111,3 +111,20 @@ def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
     ckpt.load_checkpoint(path, lambda d: None, opt, sched, fresh)
     assert fresh.get_scale() == scaler.get_scale() == 2.0**13
     assert fresh.state_dict() == scaler.state_dict()
+
+
+def test_a_longer_resume_runs_the_new_schedule_not_the_finished_one(make_tiny_model, tmp_path):
+    """2 steps done, then the same command with max_steps 3: step 3 gets the lr of a 3-step
+    cosine at step 3, not the 0 the finished 2-step schedule left in the optimizer."""
+    model_dir = make_tiny_model("llama")
+    train = write_chats(tmp_path / "train.jsonl", 8, seed=1)
+
+    def config(steps):
+        return tiny_config(model_dir, train, tmp_path / "run", tmp_path / "cache",
+                           train__max_steps=steps, train__lr=1e-2)  # fmt: skip
+
+    Trainer(config(2), progress=False).run()
+    Trainer(config(3), progress=False).run()
+    rows = [r for r in read_rows(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["lr"] == pytest.approx(1e-2 * lr_factor(2, 3, 0, "cosine")) != 0

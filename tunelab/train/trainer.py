@@ -104,6 +104,7 @@ class Trainer:
             self.state = ckpt.load_checkpoint(
                 self.resume_from, self._load_weights, self.optimizer, self.scheduler, self.scaler
             )
+            self._resync_lr()
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
         self._write_run_files()
         metrics = MetricsLogger(self.run_dir, self.total_steps, self.state.step, self.progress)
@@ -140,6 +141,18 @@ class Trainer:
                 )
                 return TrainResult(self.run_dir, None, self.state, val_loss)
             return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
+
+    def _resync_lr(self) -> None:
+        """Set the lr of the step to come from this run's schedule. The optimizer state holds
+        the lr the checkpointed run's schedule set; a resume with a longer max_steps (a new
+        total) must not keep it (a finished cosine left it at 0). Unchanged totals give the
+        very value saved, so exact resume is untouched."""
+        sched = self.scheduler
+        for group, base, factor in zip(
+            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ---- one optimizer step ---------------------------------------------------------------
 
