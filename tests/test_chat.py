@@ -114,7 +114,7 @@ def test_system_argument_comes_first(generator, sent):
 
 def test_reset_clears_history_but_keeps_system(generator, sent):
     out, _ = chat(generator, "hello\n/reset\nhi\n", system="S")
-    assert "(history cleared)" in out
+    assert "(history cleared; the system prompt stays)" in out
     assert sent == [[system("S"), user("hello")], [system("S"), user("hi")]]
 
 

@@ -237,3 +237,10 @@ def test_hub_download_skips_duplicate_weight_formats(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     resolve_model("hf://org/mistral")
     assert fetched == ["config.json", "model-00001-of-00002.safetensors", "tokenizer.json"]
+
+
+def test_a_file_that_is_no_model_is_named_as_such(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    with pytest.raises(TunelabError, match="is a file, not a model directory"):
+        resolve_model(str(notes))

@@ -60,7 +60,7 @@ def run_chat(
             return
         if text == "/reset":
             session.reset()
-            stdout.write("(history cleared)\n")
+            stdout.write("(history cleared; the system prompt stays)\n")
             continue
         if text == "/system" or text.startswith("/system "):
             session.system = text.removeprefix("/system").strip() or None

@@ -54,6 +54,11 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return _from_modelscope(spec.removeprefix("modelscope://"))
     if spec.startswith("hf://"):
         return _from_hf_hub(spec, spec.removeprefix("hf://"))
+    if path.is_file():
+        raise TunelabError(
+            f"model path {spec!r} is a file, not a model directory or a .gguf file; point "
+            "--model at an HF-format directory (with config.json) or a .gguf file."
+        )
     if _looks_like_path(spec) or path.exists():
         raise TunelabError(
             f"model path {spec!r} does not exist (or is not a directory or .gguf file); "

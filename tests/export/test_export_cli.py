@@ -146,3 +146,11 @@ def test_export_refuses_flags_its_format_does_not_read(base, tmp_path, capsys, f
     argv = ["export", "--model", str(base), "--out", str(tmp_path / "x"), *flags]
     assert main(argv) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_run_directory_given_as_adapter_points_at_its_final(base, adapter, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "final")
+    argv = ["generate", "--model", str(base), "--adapter", str(run), "--prompt", "hi"]
+    assert main(argv) == 2
+    assert f"this looks like a training run: use {run / 'final'}" in capsys.readouterr().err

@@ -86,7 +86,8 @@ class SimpleGenerator:
                     nf4_round_trip(model, info.base_dtype or model.dtype)
                 except TunelabError as e:  # no NF4 on this device: the full base is close
                     log.warning("adapter applied to the full-precision base: %s", e)
-            load_adapter(model, adapter)
+            cfg = load_adapter(model, adapter)
+            log.info("applied LoRA adapter %s (rank %d, unmerged)", adapter, cfg.rank)
         return cls(model, tokenizer, eos_ids_from(read_generation_config(Path(model_dir))))
 
     # ---- prompts -------------------------------------------------------------------------

@@ -111,9 +111,14 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     """The ``LoraConfig`` of a PEFT adapter directory; unsupported options raise."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
+        final = Path(adapter_dir) / "final"
+        hint = (
+            f"this looks like a training run: use {final}"
+            if (final / ADAPTER_CONFIG).is_file()
+            else "point to the directory written by save_adapter or peft's save_pretrained"
+        )
         raise TunelabError(
-            f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing. Point to the "
-            "directory written by save_adapter or peft's save_pretrained."
+            f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing; {hint}."
         )
     try:
         raw = json.loads(path.read_text())
