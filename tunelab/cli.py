@@ -113,7 +113,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tunelab.engine.infer import run_infer
 
     params = sampling_params(args)  # checked before the model loads
-    run_infer(
+    written = run_infer(
         args.model,
         args.input,
         args.output,
@@ -125,6 +125,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         system=args.system,
         engine_config=engine_config(args),
     )
+    print(f"wrote {written} new result(s) to {args.output}")  # 0: every id was already there
     return 0
 
 

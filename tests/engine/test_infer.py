@@ -90,7 +90,7 @@ def test_a_record_with_a_lone_surrogate_names_its_line(tmp_path):
         read_records(src)
 
 
-def test_infer_verb_through_the_cli(make_tiny_model, tmp_path):
+def test_infer_verb_through_the_cli(make_tiny_model, tmp_path, capsys):
     from tunelab.cli import main
 
     src = tmp_path / "in.jsonl"
@@ -100,3 +100,6 @@ def test_infer_verb_through_the_cli(make_tiny_model, tmp_path):
     argv += ["--input", str(src), "--output", str(out), "--temperature", "0", "--max-tokens", "3"]
     assert main(argv) == 0
     assert '"id": "x"' in out.read_text()
+    assert f"wrote 1 new result(s) to {out}" in capsys.readouterr().out
+    assert main(argv) == 0  # again: nothing left to do, and it says so
+    assert f"wrote 0 new result(s) to {out}" in capsys.readouterr().out
