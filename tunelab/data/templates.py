@@ -234,13 +234,13 @@ def _turn_span(
     # generation prompt: not at their header, nor at a default system prompt before turn 0.
     if exact and answer and text.startswith(before) and text.startswith(after):
         return len(before), len(before) + len(text[len(before) : len(after)].rstrip())
-    head, tail = _turn_layout(render, messages, i)
+    tail = _turn_tail(render, messages, i)
     span = _content_span(render, messages, i, text)
     if span is not None:  # where the template put this turn's content in the whole chat
         a, b = span
         b += _end_of_turn(text, b, tail)
     else:
-        a, b = _locate(text, before, after, messages[i]["content"], i, source, head, tail)
+        a, b = _locate(text, before, after, messages[i]["content"], i, source, tail)
     return a, a + len(text[a:b].rstrip())
 
 
@@ -274,18 +274,14 @@ def _end_of_turn(text: str, b: int, tail: str | None) -> int:
 _SENTINEL = "\u2063tunelab-turn\u2063"  # invisible separator: no template treats it specially
 
 
-def _turn_layout(
-    render: Callable, messages: list[dict[str, str]], i: int
-) -> tuple[str | None, str | None]:
-    """(head, tail): the rendering before turn ``i``'s content and what the template writes
-    after it (end-of-turn, a chat-final eos...) when it is the last turn, from a rendering
-    with a sentinel for the content; (None, None) if the template will not render that."""
+def _turn_tail(render: Callable, messages: list[dict[str, str]], i: int) -> str | None:
+    """What the template writes after turn ``i``'s content when it is the last turn (its
+    end-of-turn, a chat-final eos...), from a rendering with a sentinel for the content."""
     probe = [*messages[:i], {**messages[i], "content": _SENTINEL}]
     rendered = _try_render(render, probe, False)
     if rendered is None or rendered.count(_SENTINEL) != 1:
-        return None, None
-    head, tail = rendered.split(_SENTINEL, 1)
-    return head, tail
+        return None
+    return rendered.split(_SENTINEL, 1)[1]
 
 
 def _try_render(render: Callable, msgs: list[dict[str, str]], generation_prompt: bool):
@@ -303,7 +299,6 @@ def _locate(
     content: str,
     i: int,
     source: str,
-    head: str | None = None,
     tail: str | None = None,
 ) -> tuple[int, int]:
     """Fallback: the turn's content in ``text`` after the common prefix with ``before``, plus
@@ -317,10 +312,7 @@ def _locate(
     # never lands inside the end-of-turn text itself (content "end" in "<|im_end|>").
     end = len(after) - len(tail) if after is not None and tail and after.endswith(tail) else None
     body = after[:end] if after is not None else None
-    at_head = text.find(needle, len(head)) if head is not None and text.startswith(head) else -1
-    if head is not None and 0 <= at_head - len(head) <= len(content) - len(needle):
-        a = at_head  # the text starts as the turn rendered last: its content follows the head
-    elif body is not None and text.startswith(after) and needle and needle in body[lo:]:
+    if body is not None and text.startswith(after) and needle and needle in body[lo:]:
         # The turn's own rendering is a prefix of the text: its content is the last copy in
         # it, never an earlier one inside the prompt (templates that put the system prompt
         # into the last user turn make ``lo`` stop early, so a plain find could land there).

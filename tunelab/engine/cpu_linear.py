@@ -67,8 +67,13 @@ class PackedWeight:
         self.packed: torch.Tensor | None = None
         self.stamp: tuple | None = None
 
-    def _stamp(self, weight: torch.Tensor) -> tuple:
-        return id(weight), weight.data_ptr(), weight._version
+    def refresh(self, weight: torch.Tensor) -> torch.Tensor:
+        """The packed copy of ``weight``, packed again if it is new, replaced (assign=True,
+        ``.weight = ...``) or changed in place since the last call."""
+        stamp = id(weight), weight.data_ptr(), weight._version
+        if stamp != self.stamp:
+            self.weight, self.packed, self.stamp = weight, _pack(weight), stamp
+        return self.packed
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -83,10 +88,7 @@ class PackedWeight:
             return None  # moved or cast since it was packed
         if weight.is_inference():  # no version counter: an in-place change would go unseen
             return None
-        stamp = self._stamp(weight)
-        if stamp != self.stamp:  # new, replaced (assign=True, .weight = ...) or changed in place
-            self.weight, self.packed, self.stamp = weight, _pack(weight), stamp
-        return _packed_linear(x, self.packed, bias)
+        return _packed_linear(x, self.refresh(weight), bias)
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:
         return PackedWeight(copy.deepcopy(self.weight, memo))
@@ -109,9 +111,8 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.packed = PackedWeight(base.weight)
-        with torch.inference_mode():
-            self.packed.linear(torch.zeros(1, self.in_features, dtype=base.weight.dtype),
-                               self.weight, None)  # fmt: skip  # pack now, not on first call
+        if not base.weight.is_inference():  # (inference tensors always take the plain path)
+            self.packed.refresh(base.weight)  # now, not on the first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self)

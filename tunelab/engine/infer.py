@@ -22,7 +22,7 @@ import torch
 
 from tunelab.engine.llm_engine import EngineConfig, LLMEngine
 from tunelab.engine.outputs import RequestOutput
-from tunelab.engine.prompts import check_text
+from tunelab.engine.prompts import check_strings
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
 
@@ -133,7 +133,7 @@ def read_records(path: Path) -> list[dict]:
                 raise TunelabError(
                     f'{where}: each line needs an "id" (and "prompt" or "messages").'
                 )
-            _check_strings(record, where)
+            check_strings(record, where)  # JSON allows lone surrogates: "\\ud800"
             has_prompt = isinstance(record.get("prompt"), str)
             has_messages = isinstance(record.get("messages"), list)
             if has_prompt == has_messages:
@@ -149,19 +149,6 @@ def read_records(path: Path) -> list[dict]:
             seen.add(record["id"])
             records.append(record)
     return records
-
-
-def _check_strings(value, where: str) -> None:
-    """Every string in a record is valid Unicode (JSON allows lone surrogates: "\\ud800")."""
-    if isinstance(value, str):
-        check_text(value, where)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_strings(k, where)
-            _check_strings(v, where)
-    elif isinstance(value, list):
-        for v in value:
-            _check_strings(v, where)
 
 
 def finished_ids(path: Path) -> set[str]:

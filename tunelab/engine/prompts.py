@@ -78,6 +78,19 @@ def _text_content(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": "\n".join(texts)}
 
 
+def check_strings(value: Any, what: str) -> None:
+    """``check_text`` on every string (keys too) of a JSON-like value."""
+    if isinstance(value, str):
+        check_text(value, what)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_strings(k, what)
+            check_strings(v, what)
+    elif isinstance(value, list):
+        for v in value:
+            check_strings(v, what)
+
+
 def check_text(text: str, what: str) -> str:
     """``text`` if it is valid Unicode; a lone surrogate (e.g. from JSON "\\ud800") raises."""
     try:

@@ -154,6 +154,43 @@ _NOT_GIVEN = {
 }
 
 
+# Our flag -> the backend's option taking the same value, or its switch for ours.
+_BACKEND_OPTIONS = {
+    "vllm": {
+        "--max-num-batched-tokens": "--max-num-batched-tokens",
+        "--memory-fraction": "--gpu-memory-utilization",
+        "--max-lora-rank": "--max-lora-rank",
+    },
+    "sglang": {
+        "--max-num-batched-tokens": "--chunked-prefill-size",
+        "--memory-fraction": "--mem-fraction-static",
+        "--max-lora-rank": "--max-lora-rank",
+    },
+}
+_BACKEND_SWITCHES = {
+    "vllm": {
+        "--no-prefix-caching": "--no-enable-prefix-caching",
+        "--cuda-graphs": "--enforce-eager",
+    },
+    "sglang": {
+        "--no-prefix-caching": "--disable-radix-cache",
+        "--cuda-graphs": "--disable-cuda-graph",
+    },
+}
+
+
+def _mapped_flags(backend: str, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Our flag -> the backend's arguments for it (flags missing here have no equivalent)."""
+    mapped = {
+        ours: [theirs, str(getattr(args, _NOT_GIVEN[ours][0], None))]
+        for ours, theirs in _BACKEND_OPTIONS.get(backend, {}).items()
+    }
+    mapped |= {ours: [theirs] for ours, theirs in _BACKEND_SWITCHES.get(backend, {}).items()}
+    if "--cuda-graphs" in mapped and getattr(args, "cuda_graphs", "auto") != "off":
+        mapped["--cuda-graphs"] = []  # on: both backends' default
+    return mapped
+
+
 def _given(args: argparse.Namespace, flag: str) -> bool:
     attr, default = _NOT_GIVEN[flag]
     return getattr(args, attr, default) not in (default, None)
@@ -177,7 +214,6 @@ def backend_command(
         raise TunelabError(f"--backend {backend} runs on GPUs/NPUs, not --device {args.device}.")
     dtype = _dtype(args.dtype)
     py = sys.executable
-    mapped: dict[str, list[str]] = {}  # our flag -> the backend's arguments
     if backend == "vllm":
         cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
@@ -186,20 +222,6 @@ def backend_command(
         cmd += ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--enable-lora", "--lora-modules", *(f"{k}={v}" for k, v in adapters.items())]
-        mapped = {
-            "--max-num-batched-tokens": [
-                "--max-num-batched-tokens",
-                str(getattr(args, "max_num_batched_tokens", None)),
-            ],
-            "--memory-fraction": [
-                "--gpu-memory-utilization",
-                str(getattr(args, "memory_fraction", None)),
-            ],
-            "--no-prefix-caching": ["--no-enable-prefix-caching"],
-            "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
-        }
-        graphs = getattr(args, "cuda_graphs", "auto")
-        mapped["--cuda-graphs"] = ["--enforce-eager"] if graphs == "off" else []  # on: default
     elif backend == "sglang":
         cmd = [py, "-m", "sglang.launch_server", "--model-path", model_dir]
         cmd += ["--host", args.host, "--port", str(args.port), "--served-model-name", name]
@@ -208,20 +230,6 @@ def backend_command(
         cmd += ["--max-running-requests", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--lora-paths", *(f"{k}={v}" for k, v in adapters.items())]
-        mapped = {
-            "--max-num-batched-tokens": [
-                "--chunked-prefill-size",
-                str(getattr(args, "max_num_batched_tokens", None)),
-            ],
-            "--memory-fraction": [
-                "--mem-fraction-static",
-                str(getattr(args, "memory_fraction", None)),
-            ],
-            "--no-prefix-caching": ["--disable-radix-cache"],
-            "--max-lora-rank": ["--max-lora-rank", str(getattr(args, "max_lora_rank", ""))],
-        }
-        graphs = getattr(args, "cuda_graphs", "auto")
-        mapped["--cuda-graphs"] = ["--disable-cuda-graph"] if graphs == "off" else []
     else:
         cmd = ["lmdeploy", "serve", "api_server", model_dir]
         cmd += ["--server-name", args.host, "--server-port", str(args.port)]
@@ -231,6 +239,7 @@ def backend_command(
         cmd += ["--max-batch-size", str(args.max_num_seqs)] if args.max_num_seqs else []
         if adapters:
             cmd += ["--adapters", *(f"{k}={v}" for k, v in adapters.items())]
+    mapped = _mapped_flags(backend, args)
     unmapped = [f for f in _NOT_GIVEN if _given(args, f) and f not in mapped]
     if unmapped:
         raise TunelabError(

@@ -12,6 +12,9 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
+from tunelab.engine.prompts import check_strings
+from tunelab.errors import TunelabError
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -36,21 +39,10 @@ def _takes_null(field: FieldInfo | None) -> bool:
 
 
 def _check_unicode(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(
-                f"text holds an invalid character {value[e.start]!r} (a lone UTF-16 "
-                "surrogate, not Unicode): fix or drop it"
-            ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_unicode(k)
-            _check_unicode(v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_unicode(v)
+    try:
+        check_strings(value, "the request")
+    except TunelabError as e:  # pydantic turns a ValueError into a 400
+        raise ValueError(str(e)) from None
 
 
 class StreamOptions(_Request):

@@ -69,6 +69,27 @@ def flops_per_token(
     return k * n_mm + 3 * per_layer_attn * config.num_hidden_layers
 
 
+def freeze_plan(model: torch.nn.Module) -> FreezePlan:
+    """Where a freeze run's backward goes: from the lowest layer holding a trained weight up
+    (the output head included), weight gradients only for the trained matrices."""
+    from tunelab.models.hf_fallback import decoder_layers
+
+    _, layers = decoder_layers(model)
+    trained_layers = [
+        i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())
+    ]
+    lowest = trained_layers[0] if trained_layers else len(layers)
+    above = {id(p) for layer in list(layers)[lowest:] for p in layer.parameters()}
+    through = trained = 0
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or "embed" in name:  # N_mm leaves the input embedding out
+            continue
+        if id(p) in above or "lm_head" in name or name.endswith(("head.weight", "score.weight")):
+            through += p.numel()
+        trained += p.numel() if p.requires_grad else 0
+    return FreezePlan(len(layers) - lowest, through, trained)
+
+
 def peak_flops(device_name: str, dtype: torch.dtype | None = None) -> float | None:
     """The half-precision tensor peak of a known device; None (no MFU) for fp32 compute,
     whose peak is another figure entirely, and for devices not in the table."""

@@ -29,7 +29,7 @@ from tunelab.train.batching import BatchPlan, count_targets, to_encoded
 from tunelab.train.config import TrainConfig
 from tunelab.train.forward import forward_for
 from tunelab.train.loss import chunked_cross_entropy
-from tunelab.train.metrics import FreezePlan, MetricsLogger, flops_per_token, peak_flops
+from tunelab.train.metrics import MetricsLogger, flops_per_token, freeze_plan, peak_flops
 from tunelab.train.optim import build_optimizer, build_scheduler, warmup_steps
 from tunelab.train.setup import (
     build_model,
@@ -334,27 +334,6 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def freeze_plan(model: torch.nn.Module) -> FreezePlan:
-    """Where a freeze run's backward goes: from the lowest layer holding a trained weight up
-    (the output head included), weight gradients only for the trained matrices."""
-    from tunelab.models.hf_fallback import decoder_layers
-
-    _, layers = decoder_layers(model)
-    trained_layers = [
-        i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())
-    ]
-    lowest = trained_layers[0] if trained_layers else len(layers)
-    above = {id(p) for layer in list(layers)[lowest:] for p in layer.parameters()}
-    through = trained = 0
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or "embed" in name:  # N_mm leaves the input embedding out
-            continue
-        if id(p) in above or "lm_head" in name or name.endswith(("head.weight", "score.weight")):
-            through += p.numel()
-        trained += p.numel() if p.requires_grad else 0
-    return FreezePlan(len(layers) - lowest, through, trained)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
