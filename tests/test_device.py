@@ -269,6 +269,14 @@ _RESOLVE_ON_FAKE_NPU = """
     import os
     os.environ["LOCAL_RANK"] = "1"
     assert dev.resolve_device("auto") == torch.device("npu", 1)
+    from tunelab.errors import TunelabError
+    for bad in ("-1", "x"):
+        os.environ["LOCAL_RANK"] = bad
+        try:
+            dev.resolve_device("auto")
+            raise AssertionError("LOCAL_RANK=" + bad + " accepted")
+        except TunelabError as e:
+            assert "is not a device index" in str(e), e
     print("ok")
 """
 
@@ -283,3 +291,17 @@ def test_resolve_device_picks_fake_npu_in_a_fresh_process():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_cuda_bf16_counts_native_support_only(monkeypatch):
+    """Pre-Ampere GPUs emulate bf16 slowly: the default there is fp16."""
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return including_emulation  # a T4: emulated only
+
+    monkeypatch.setattr(dev, "_is_available", lambda t: t in ("cuda", "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert not dev.supports_bf16("cuda") and calls == [False]
+    assert dev.default_dtype("cuda") == torch.float16
