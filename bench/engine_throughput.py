@@ -32,6 +32,7 @@ from generate_throughput import SHAPES, build_shape, free
 from tunelab import device as dev
 from tunelab.engine.llm import LLM
 from tunelab.engine.sampler import SamplingParams
+from tunelab.hardware import peak_bandwidth
 from tunelab.models.config import ModelConfig
 from tunelab.models.loading import load_model, load_tokenizer
 
@@ -54,6 +55,7 @@ class TokenTimes:
 
 def run_ours(model_dir, tokenizer, prompts, args, device, dtype) -> dict:
     model = load_model(model_dir, device, dtype)
+    args.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     llm = LLM(
         model,
         tokenizer=tokenizer,
@@ -121,6 +123,25 @@ def run_hf(model_dir, prompts, args, device, dtype) -> dict:
     return {"total": total, "ttft": ttft, "itl": itl, "tokens": tokens}
 
 
+def roofline_line(ours: dict, args, device_name: str) -> str:
+    """Ours' decode speed per sequence (1 / mean ITL) against the bandwidth roofline: one
+    decode step must read every weight once, so a sequence cannot beat bandwidth / weight
+    bytes tokens/s. At batch 1 this is the issue's target figure (>= 70%)."""
+    per_seq = 1 / statistics.mean(ours["itl"])
+    bandwidth = args.peak_bandwidth or peak_bandwidth(device_name)
+    gb = args.weight_bytes / 1e9
+    if bandwidth is None:
+        return (
+            f"decode roofline: {per_seq:.1f} tok/s per sequence, {gb:.2f} GB of weights; "
+            "no peak bandwidth known for this device (pass --peak-bandwidth)"
+        )
+    roof = bandwidth / args.weight_bytes
+    return (
+        f"decode roofline: {per_seq:.1f} tok/s per sequence = {100 * per_seq / roof:.1f}% of "
+        f"{roof:.1f} tok/s ({gb:.2f} GB of weights at {bandwidth / 1e12:.2f} TB/s)"
+    )
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median total time (its latencies come with it)."""
     return sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
@@ -163,6 +184,13 @@ def main(argv=None) -> None:
     p.add_argument("--which", default="ours,hf", help="comma list of: ours, hf")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, median reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--peak-bandwidth",
+        type=float,
+        default=None,
+        help="memory bandwidth in bytes/s for the decode roofline (default: the device's "
+        "data-sheet figure; needed on devices not in tunelab/hardware.py, e.g. CPUs)",
+    )
     args = p.parse_args(argv)
     which = [w.strip() for w in args.which.split(",") if w.strip()]
     if not which or set(which) - {"ours", "hf"}:
@@ -228,6 +256,8 @@ def main(argv=None) -> None:
         print("| " + " | ".join(row) + " |")
     if len(res) == 2:
         print(f"\nours/hf output tokens/s: {res['hf']['total'] / res['ours']['total']:.2f}x")
+    if "ours" in res:
+        print(roofline_line(res["ours"], args, dev.device_name(device)))
     if hasattr(os, "getloadavg"):
         print(f"# load average {os.getloadavg()[0]:.2f} after")
 

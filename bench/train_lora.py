@@ -19,12 +19,13 @@ import torch
 import transformers
 
 from tunelab import device as dev
+from tunelab.hardware import peak_flops
 from tunelab.models.attention import CAUSAL, DenseAttention
 from tunelab.models.config import ModelConfig
 from tunelab.models.decoder import Decoder
 from tunelab.models.lora import LoraConfig, apply_lora, lora_modules
 from tunelab.train.loss import chunked_cross_entropy
-from tunelab.train.metrics import flops_per_token, peak_flops
+from tunelab.train.metrics import flops_per_token
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,

@@ -40,7 +40,9 @@ def logits(model) -> torch.Tensor:
 def test_generate_with_adapter_matches_merged(base, adapter, tmp_path, capsys):
     argv = ["merge", "--model", str(base), "--adapter", str(adapter), "--dtype", "fp32"]
     assert main([*argv, "--out", str(tmp_path / "merged")]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "merged")
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(tmp_path / "merged")
+    assert printed.err.count("merged into") == 1, printed.err  # the figures, once
     unmerged = SimpleGenerator.load(str(base), "cpu", "fp32", adapter=str(adapter))
     merged = SimpleGenerator.load(str(tmp_path / "merged"), "cpu", "fp32")
     torch.testing.assert_close(logits(unmerged.model), logits(merged.model), atol=1e-4, rtol=0)

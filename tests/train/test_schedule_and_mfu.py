@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from tunelab.train.metrics import peak_flops
+from tunelab.hardware import peak_bandwidth, peak_flops
 from tunelab.train.optim import lr_factor, warmup_steps
 
 
@@ -42,6 +42,16 @@ def test_peak_flops_by_part_and_precision():
     assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.float32) is None  # not the bf16 peak
     assert peak_flops("cpu", torch.bfloat16) is None
+
+
+def test_peak_bandwidth_by_part():
+    assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.039e12
+    assert peak_bandwidth("NVIDIA A100 80GB PCIe") == 1.935e12
+    assert peak_bandwidth("NVIDIA A100-SXM4-40GB") == 1.555e12
+    assert peak_bandwidth("cpu") is None
 
 
 @pytest.mark.parametrize(("method", "extra"), [("full", {}), ("lora", {}),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tunelab.errors import TunelabError
 
@@ -11,7 +10,7 @@ FORMATS = ("hf", "peft", "gguf")
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """``tunelab merge``: the figures to stderr, the output directory to stdout."""
+    """``tunelab merge``: the output directory to stdout (merge_adapter logs the figures)."""
     from tunelab.export.merge import merge_adapter
 
     report = merge_adapter(
@@ -23,7 +22,6 @@ def run_merge(args: argparse.Namespace) -> int:
         device=args.device,
         qlora=args.qlora,
     )
-    print(report.summary(), file=sys.stderr)
     print(report.out)
     return 0
 

@@ -22,23 +22,6 @@ from tunelab.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 peak FLOP/s by device-name fragment (vendor data sheets); the more specific
-# names first (an "H100 PCIe" must not read as the SXM part).
-PEAK_FLOPS = {
-    "H200NVL": 835e12,
-    "H200": 989e12,
-    "H100PCIe": 756e12,
-    "H100NVL": 835e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "4090": 165e12,
-    "Ascend910B": 320e12,
-    "910B": 320e12,
-}
-
 
 def matmul_params(config: ModelConfig) -> int:
     """N_mm: all parameters minus the input embedding (an untied lm_head counts)."""
@@ -88,15 +71,6 @@ def freeze_plan(model: torch.nn.Module) -> FreezePlan:
             through += p.numel()
         trained += p.numel() if p.requires_grad else 0
     return FreezePlan(len(layers) - lowest, through, trained)
-
-
-def peak_flops(device_name: str, dtype: torch.dtype | None = None) -> float | None:
-    """The half-precision tensor peak of a known device; None (no MFU) for fp32 compute,
-    whose peak is another figure entirely, and for devices not in the table."""
-    if dtype == torch.float32:
-        return None
-    compact = device_name.replace(" ", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in compact.lower()), None)
 
 
 class MetricsLogger:

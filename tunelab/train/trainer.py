@@ -24,12 +24,13 @@ import yaml
 from tunelab import device as dev
 from tunelab.config import to_dict
 from tunelab.errors import TunelabError
+from tunelab.hardware import peak_flops
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batching import BatchPlan, count_targets, to_encoded
 from tunelab.train.config import TrainConfig
 from tunelab.train.forward import forward_for
 from tunelab.train.loss import chunked_cross_entropy
-from tunelab.train.metrics import MetricsLogger, flops_per_token, freeze_plan, peak_flops
+from tunelab.train.metrics import MetricsLogger, flops_per_token, freeze_plan
 from tunelab.train.optim import build_optimizer, build_scheduler, warmup_steps
 from tunelab.train.setup import (
     build_model,
