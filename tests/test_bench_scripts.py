@@ -29,3 +29,14 @@ def test_loss_memory_bench_runs_and_ours_needs_less():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ours")]
     assert len(rows) == 2, proc.stdout  # fp32 and bf16
+
+
+def test_gpu_suite_skips_what_its_budget_cannot_fit(tmp_path):
+    """`suite.sh owed` on a spent budget: every step is skipped, named, and the exit is 0."""
+    env = {**os.environ, "BUDGET": "0", "OUT": str(tmp_path)}
+    cmd = ["bash", str(ROOT / "bench" / "gpu" / "suite.sh"), "owed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / "owed.log").read_text()
+    assert log.count("- skipped (out of BUDGET):") == 5, log
+    assert "bench/train_lora.py --shape 1b" in log

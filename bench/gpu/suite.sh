@@ -6,15 +6,20 @@
 #   bench/gpu/suite.sh train-1b   # LoRA training vs HF+PEFT, 1B (4x2048 and 2x2048)
 #   bench/gpu/suite.sh train-8b   # the same, 8B (2x2048)
 #   bench/gpu/suite.sh serve      # serving load sweep on the 1B shape
+#   bench/gpu/suite.sh owed       # the owed issue figures in ONE call (see below)
 # (engine / train run both shapes, for sessions with time to spare.) With only ~15 minutes of
-# device time, the order that pays most: tests, engine-1b, train-1b.
-# Each command is cut at STEP_TIMEOUT seconds (default 540); the exit code is the first
-# failing command's, so an early failure is not hidden by a later success.
+# device time (machine start included, and a machine idle for 30 s goes back), run `owed`:
+# kernel tests, the engine at batch 1 (roofline) and 256 (vs HF), LoRA training vs HF+PEFT
+# on the 1B shape, then the rest of the gpu tests, each skipped once the call's BUDGET
+# seconds (default 540) run out.
+# Each command is cut at STEP_TIMEOUT seconds (default 540) and at what is left of BUDGET; the
+# exit code is the first failing command's, so an early failure is not hidden by a later
+# success.
 # Needs the carried folders made by bench/gpu/prepare.sh: run(..., carry=[".whl", ".gpu"]).
 # Logs go to $OUT/<stage>.log (the device tool brings $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-stage=${1:?usage: bench/gpu/suite.sh tests|engine|train|serve}
+stage=${1:?usage: bench/gpu/suite.sh owed|tests|engine[-1b|-8b]|train[-1b|-8b]|serve}
 OUT=${OUT:-/tmp/tunelab-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
@@ -30,9 +35,13 @@ log="$OUT/$stage.log"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
 status=0
+deadline=$((SECONDS + ${BUDGET:-540}))
 run() {
+  local left=$((deadline - SECONDS)) limit=${STEP_TIMEOUT:-540}
+  if [ "$left" -lt 20 ]; then echo "- skipped (out of BUDGET): $*" | tee -a "$log"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "+ $*" | tee -a "$log"
-  timeout "${STEP_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "! exit $rc: $*" | tee -a "$log"; [ "$status" -eq 0 ] && status=$rc; fi
 }
@@ -60,6 +69,14 @@ train() {
 case $stage in
   tests)  # kernels first: a device fault poisons the process, and this pins it to a kernel
     run python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_attention.py
+    run python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+  owed)
+    run python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_attention.py
+    run python3 bench/engine_throughput.py --shape 1b --num-prompts 1 \
+      --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 1
+    run python3 bench/engine_throughput.py --shape 1b --num-prompts 256 \
+      --min-prompt-len 256 --max-prompt-len 256 --output-len 256 --batch-size 256
+    run python3 bench/train_lora.py --shape 1b --batch 4 --seq 2048 --grad-ckpt 1
     run python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
   engine-1b) engine 1b ;;
   engine-8b) engine 8b ;;
