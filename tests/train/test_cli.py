@@ -85,6 +85,16 @@ def succeeds(capsys, argv: list[str]) -> str:
         (["--freeze.last_layers", "0", "--method", "freeze"], ["freeze.modules"]),
         (["--train.loss_chunk_tokens", "0"], ["train.loss_chunk_tokens must be >= 1"]),
         (["--train.save_every", "-1"], ["train.save_every must be >= 0"]),
+        (["--data.max_length", "-5"], ["data.max_length must be at least 2"]),
+        (["--data.num_proc", "0"], ["data.num_proc must be at least 1"]),
+        (["--data.val", "nowhere.jsonl"], ["nowhere.jsonl", "check the path in data.val"]),
+        (["--train.warmup", "1.5"], ["train.warmup 1.5 is neither a fraction"]),
+        (["--output_dir", __file__], ["is a file; choose a directory"]),
+        (["--lora.extra", "{use_dora: true}"], ["use_dora=True", "not supported"]),
+        (["--lora.extra", "{r: 8}"], ["r (use lora.rank)"]),
+        (["--lora.targets", "[qq_proj]"], ["unknown LoRA target(s) ['qq_proj']"]),
+        (["--method", "freeze", "--freeze.modules", "[lm_headd]"], ["(similar: lm_head)"]),
+        (["--method", "freeze", "--freeze.last_layers", "3"], ["the model has 2 layers"]),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(capsys, recipe, no_model_load, flags, expected):
@@ -142,6 +152,34 @@ def test_run_dir_policy(capsys, recipe, monkeypatch):
     succeeds(capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite"])
     assert [r["step"] for r in read_rows(run) if "loss" in r] == [1]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def test_the_same_recipe_resumes_from_another_working_directory(capsys, recipe, monkeypatch):
+    """Data paths are stored absolute: `train sub/recipe.yaml` and, from sub/, `train
+    recipe.yaml` are one run."""
+    monkeypatch.chdir(recipe.parent.parent)
+    succeeds(capsys, [f"{recipe.parent.name}/recipe.yaml"])
+    monkeypatch.chdir(recipe.parent)
+    assert "trained 2 steps" in succeeds(capsys, ["recipe.yaml", "--train.max_steps", "2"])
+
+
+def test_an_explicit_resume_checks_the_checkpoint_run_and_the_output_dir(
+    capsys, recipe, monkeypatch
+):
+    run = recipe.parent / "run"
+    succeeds(capsys, [str(recipe), "--train.max_steps", "2", "--train.save_every", "1"])
+    monkeypatch.setattr("tunelab.models.loading.load_model", _no_load)
+    step1 = str(run / "checkpoints" / "step-1")
+    line = fails(capsys, [str(recipe), "--resume", step1, "--lora.rank", "8"])
+    assert "lora.rank" in line and "another config" in line
+    other = recipe.parent / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = fails(capsys, [str(recipe), "--resume", step1, "--output_dir", str(other)])
+    assert "holds no tunelab run" in line
+    line = fails(capsys, [str(recipe), "--resume", str(run / "checkpoints" / "step-2"),
+                          "--train.max_steps", "1"])  # fmt: skip
+    assert "past this run's 1 steps" in line
 
 
 def test_dry_run(capsys, recipe, no_model_load, monkeypatch):

@@ -156,3 +156,10 @@ def test_qlora_trains_on_cpu_and_writes_an_adapter(make_tiny_model, tmp_path):
     load_adapter(ours, final)  # a plain LoRA adapter over the (unquantized) base
     weights = load_file(str(final / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+    # The dry run's estimate errs high: the untied head and the norms stay unquantized.
+    from tunelab.models.quant import tensor_bytes
+    from tunelab.train.estimate import estimate_for
+
+    estimate = estimate_for(trainer.cfg, trainer.model_dir, trainer.precision)
+    held = sum(tensor_bytes(p) for p in trainer.model.parameters())
+    assert held <= estimate.weights <= 1.1 * held, (estimate.weights, held)

@@ -46,6 +46,25 @@ class DataConfig:
     cache_dir: str | None = None  # default: $TUNELAB_HOME/data
 
 
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse impossible numbers in a data section (before any file is read)."""
+    from tunelab.errors import TunelabError
+
+    checks = [
+        (cfg.max_length >= 2, "data.max_length must be at least 2 (a prompt token and a target)"),
+        (cfg.num_proc >= 1, "data.num_proc must be at least 1"),
+        (0 <= cfg.split < 1, "data.split must be in [0, 1) (0: no held-out validation)"),
+        (cfg.max_samples is None or cfg.max_samples >= 1, "data.max_samples must be at least 1"),
+        (
+            cfg.max_val_samples is None or cfg.max_val_samples >= 1,
+            "data.max_val_samples must be at least 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TunelabError(f"{message}.")
+
+
 def paths_relative_to(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the relative train/val paths of a raw data section relative to ``base``."""
 

@@ -37,11 +37,11 @@ def is_datasets_dir(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in _DATASETS_MARKERS)
 
 
-def expand_paths(spec: str) -> list[Path]:
+def expand_paths(spec: str, key: str = "data.train") -> list[Path]:
     """A file, a glob (``data/*.jsonl``, ``**`` allowed) or a directory -> sorted paths.
 
     A plain directory expands to the supported files directly inside it; a directory saved by
-    HF ``datasets`` is returned as is. Errors name the spec.
+    HF ``datasets`` is returned as is. Errors name the spec and the config ``key`` it is in.
     """
     text = str(Path(spec).expanduser())
     if glob.has_magic(text) and not Path(text).exists():  # "a[1].jsonl" may be a real name
@@ -57,7 +57,7 @@ def expand_paths(spec: str) -> list[Path]:
         return paths
     path = Path(text)
     if not path.exists():
-        raise TunelabError(f"data path {spec!r} does not exist; check the path in data.train.")
+        raise TunelabError(f"data path {spec!r} does not exist; check the path in {key}.")
     if path.is_dir() and not is_datasets_dir(path):
         paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not paths:

@@ -55,14 +55,13 @@ class PreparedData:
 
 def prepare(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     """Tokenize the data described by ``cfg`` (cached) and split it into train / val."""
+    from tunelab.data.config import check_data_config
     from tunelab.data.formats import read_sources
     from tunelab.data.templates import resolve_template
 
     if not cfg.train:
         raise TunelabError("data.train is empty; give a file, glob or list of files to train on.")
-    for key in ("max_samples", "max_val_samples"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise TunelabError(f"data.{key} must be at least 1 (got {getattr(cfg, key)}).")
+    check_data_config(cfg)
     template = resolve_template(tokenizer, cfg.template)
     cache = cache_root(cfg) / fingerprint(cfg, tokenizer, template)
     if (cache / "stats.json").exists():
@@ -158,7 +157,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, template: str) -> str:
     for split, sources in (("train", cfg.train), ("val", cfg.val)):
         for item in _source_list(sources):
             weight, fmt = _source_field(item, "weight", 1.0), _source_field(item, "format", None)
-            files = _source_files(item)
+            files = _source_files(item, f"data.{split}")
             h.update(json.dumps([split, weight, fmt, len(files)]).encode())
             for path in files:
                 h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
@@ -189,12 +188,12 @@ def _source_field(item: Any, name: str, default: Any) -> Any:
     return item.get(name, default) if isinstance(item, dict) else getattr(item, name, default)
 
 
-def _source_files(item: Any) -> list[Path]:
+def _source_files(item: Any, key: str) -> list[Path]:
     from tunelab.data.files import files_of
     from tunelab.data.formats import expand_paths
 
     path = item if isinstance(item, str) else _source_field(item, "path", None)
-    return [f for p in expand_paths(str(path)) for f in files_of(p)]
+    return [f for p in expand_paths(str(path), key) for f in files_of(p)]
 
 
 def _tokenizer_identity(tokenizer: Any) -> str:

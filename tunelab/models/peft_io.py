@@ -42,7 +42,7 @@ def _peft_targets(model: Decoder, names: list[str]) -> list[str] | str:
 
 
 # Written explicitly so that older peft versions, whose defaults differ, read the same adapter.
-_PEFT_FIXED = {
+PEFT_FIXED = {
     "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
     "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
     "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
@@ -74,7 +74,7 @@ def write_adapter(
         "lora_dropout": cfg.dropout,
         "target_modules": _peft_targets(model, list(modules)),
         "use_rslora": cfg.use_rslora,
-        **_PEFT_FIXED,
+        **PEFT_FIXED,
     }
     state = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     directory = Path(directory)
@@ -107,6 +107,21 @@ _UNSUPPORTED = (
 )  # fmt: skip
 
 
+def unsupported_options(raw: dict) -> list[str]:
+    """``key=value`` for each adapter_config.json option that changes what the adapter
+    computes and that tunelab does not implement (empty: plain LoRA)."""
+    bad = [f"{k}={raw[k]!r}" for k in _UNSUPPORTED if raw.get(k) not in (None, False, [], {})]
+    if raw.get("bias", "none") != "none":
+        bad.append(f"bias={raw['bias']!r}")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # peft re-runs these inits on load, changing the base weight: A·B on the plain base
+        # would compute something else. Convert with peft's path_initial_model_for_weight_
+        # conversion (the adapter then applies to the original base).
+        bad.append(f"init_lora_weights={init!r} (convert it with peft first)")
+    return bad
+
+
 def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     """The ``LoraConfig`` of a PEFT adapter directory; unsupported options raise."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
@@ -129,15 +144,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
             f"{path} describes a {raw.get('peft_type')} adapter; tunelab loads LoRA adapters "
             "only (peft_type LORA)."
         )
-    bad = [f"{k}={raw[k]!r}" for k in _UNSUPPORTED if raw.get(k) not in (None, False, [], {})]
-    if raw.get("bias", "none") != "none":
-        bad.append(f"bias={raw['bias']!r}")
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
-        # peft re-runs these inits on load, changing the base weight: A·B on the plain base
-        # would compute something else. Convert with peft's path_initial_model_for_weight_
-        # conversion (the adapter then applies to the original base).
-        bad.append(f"init_lora_weights={init!r} (convert it with peft first)")
+    bad = unsupported_options(raw)
     if bad:
         raise TunelabError(
             f"{path} uses PEFT options tunelab does not support: {', '.join(bad)}. Merge it "

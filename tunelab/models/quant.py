@@ -102,6 +102,15 @@ def _base_linears(model: Decoder) -> list[tuple[str, nn.Module, str, nn.Linear]]
     return found
 
 
+def nf4_numel(model: Decoder) -> int:
+    """Elements ``quantize_base_nf4`` would store in NF4 (works on a meta model too)."""
+    return sum(
+        lin.weight.numel()
+        for *_, lin in _base_linears(model)
+        if lin.weight.numel() % BLOCK_SIZE == 0
+    )
+
+
 def base_weight_bytes(model: Decoder) -> int:
     """Bytes held by the weights of the base linears in the decoder layers."""
     return sum(tensor_bytes(lin.weight) for *_, lin in _base_linears(model))

@@ -10,6 +10,7 @@ newest ``keep_last`` are kept.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.atomic import atomic_directory
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"  # full / freeze: the trained tensors
@@ -37,6 +40,9 @@ class TrainerState:
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    validated_at: int | None = None  # the step of the last validation pass (none twice)
+    last_val_loss: float | None = None
+    data_fingerprint: str | None = None  # of the tokenized data: a resume must see the same
     history: list[dict[str, Any]] = field(default_factory=list)  # recent log rows
 
 
@@ -44,13 +50,21 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step}"
 
 
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temp dirs of an interrupted save are ignored)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.name.removeprefix("step-").isdigit() and (p / STATE_FILE).exists()
+    ]
+    return sorted(found, key=step_of)
 
 
 def save_checkpoint(
@@ -71,7 +85,18 @@ def save_checkpoint(
             torch.save(scaler.state_dict(), tmp / SCALER_FILE)
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    existing = list_checkpoints(run_dir)
+    # Checkpoints past this step are from a continuation abandoned by resuming an older one:
+    # they must neither count towards keep_last nor be what `resume: auto` picks next.
+    stale = [p for p in existing if step_of(p) > state.step]
+    if stale:
+        log.warning(
+            "removing %s: newer than step %d, from the run this one resumed before",
+            ", ".join(p.name for p in stale),
+            state.step,
+        )
+    current = [p for p in existing if step_of(p) <= state.step]
+    for old in stale + current[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
@@ -109,6 +134,13 @@ def load_tensors(model: torch.nn.Module, directory: Path) -> None:
     unknown = sorted(set(saved) - set(params))
     if unknown:
         raise TunelabError(f"{directory}: checkpoint tensor {unknown[0]!r} is not in the model.")
+    for name, tensor in saved.items():
+        if tensor.shape != params[name].shape:
+            raise TunelabError(
+                f"{directory}: checkpoint tensor {name!r} has shape {tuple(tensor.shape)} but "
+                f"the model's is {tuple(params[name].shape)}: the checkpoint was made with "
+                "other settings (e.g. lora.rank, lora.targets or another model)."
+            )
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

@@ -8,12 +8,14 @@ model loads (unsupported combinations, missing files, a foreign run dir) live in
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tunelab.config import from_dict, load_yaml, merge, parse_overrides
-from tunelab.data.config import DataConfig, paths_relative_to
+from tunelab.data.config import DataConfig, DataSource, check_data_config, paths_relative_to
 from tunelab.errors import TunelabError
 from tunelab.models.lora import LoraConfig
 
@@ -72,8 +74,29 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
         if isinstance(raw.get("data"), dict):
             raw["data"] = paths_relative_to(raw["data"], Path(path).parent)
     cfg = from_dict(TrainConfig, merge(raw, parse_overrides(overrides)))
+    _make_paths_absolute(cfg)
     validate(cfg)
     return cfg
+
+
+def _make_paths_absolute(cfg: TrainConfig) -> None:
+    """Data paths (and a local model path) as absolute paths: the run dir's config.yaml then
+    names the same files from any working directory, so a resume from elsewhere matches."""
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(Path(path).expanduser())
+
+    def fix(item):
+        if isinstance(item, list):
+            return [fix(i) for i in item]
+        if isinstance(item, DataSource):
+            return dataclasses.replace(item, path=absolute(item.path))
+        return absolute(item) if isinstance(item, str) else item
+
+    cfg.data.train = fix(cfg.data.train)
+    cfg.data.val = fix(cfg.data.val)
+    if cfg.model != "default" and Path(cfg.model).expanduser().exists():
+        cfg.model = absolute(cfg.model)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -86,6 +109,10 @@ def validate(cfg: TrainConfig) -> None:
         (t.epochs > 0 or t.max_steps, "train.epochs must be > 0 (or set train.max_steps)"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.warmup >= 0, "train.warmup must be >= 0"),
+        (
+            t.warmup < 1 or float(t.warmup).is_integer(),
+            f"train.warmup {t.warmup} is neither a fraction below 1 nor a whole number of steps",
+        ),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.save_every >= 0, "train.save_every must be >= 0 (0: only the final checkpoint)"),
@@ -100,8 +127,34 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TunelabError(message + ".")
+    _check_lora_extra(cfg.lora.extra)
+    check_data_config(cfg.data)
     if cfg.method == "freeze" and cfg.freeze.last_layers == 0 and not cfg.freeze.modules:
         raise TunelabError(
             "method: freeze trains nothing with freeze.last_layers 0 and no freeze.modules; "
             "set one of them."
+        )
+
+
+def _check_lora_extra(extra: dict) -> None:
+    """lora.extra carries other adapter_config.json fields; it must not ask for a LoRA
+    variant tunelab does not train (it would silently train plain LoRA) nor restate a field
+    that has its own key."""
+    from tunelab.models.peft_io import PEFT_FIXED, unsupported_options
+
+    bad = unsupported_options(extra)
+    if bad:
+        raise TunelabError(
+            f"lora.extra asks for PEFT options tunelab does not train: {', '.join(bad)} "
+            "(DoRA and the other LoRA variants are not supported); drop them."
+        )
+    own = {"r": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+           "target_modules": "lora.targets", "use_rslora": "lora.use_rslora",
+           "peft_type": None, "task_type": None, "base_model_name_or_path": None}  # fmt: skip
+    clash = sorted(k for k in extra if k in own or (k in PEFT_FIXED and extra[k] != PEFT_FIXED[k]))
+    if clash:
+        hint = ", ".join(f"{k} (use {own[k]})" if own.get(k) else k for k in clash)
+        raise TunelabError(
+            f"lora.extra sets adapter_config.json fields that tunelab writes itself: {hint}; "
+            "drop them."
         )

@@ -72,9 +72,12 @@ def _estimate(cfg: TrainConfig, model: nn.Module, config: Any, precision: Precis
     total = sum(p.numel() for p in params)
     frozen = total - trainable
     base_bytes = torch.finfo(precision.base_dtype).bits // 8
-    if cfg.method == "qlora":  # 4-bit linears (+ ~6% scales); embeddings and norms stay
-        emb = config.vocab_size * config.hidden_size
-        weights = int((frozen - emb) * 0.53) + emb * base_bytes
+    if cfg.method == "qlora":  # the layers' 4-bit linears (+ ~6% scales); the rest stays
+        from tunelab.models.hf_fallback import is_hf_model, nf4_view
+        from tunelab.models.quant import nf4_numel
+
+        nf4 = nf4_numel(nf4_view(model) if is_hf_model(model) else model)
+        weights = int(nf4 * 0.53) + (frozen - nf4) * base_bytes
     else:
         weights = frozen * base_bytes
     weights += trainable * 4  # trained tensors are fp32 masters

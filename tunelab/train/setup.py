@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -76,24 +77,42 @@ def refuse_multi_process() -> None:
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Return (run dir, checkpoint to resume from or None) and refuse a foreign run dir."""
     run_dir = Path(cfg.output_dir)
-    if cfg.resume not in ("auto", "never"):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunelabError(f"output_dir {run_dir} is a file; choose a directory path.")
+    explicit = cfg.resume not in ("auto", "never")
+    if explicit:
         ckpt = Path(cfg.resume)
         if not (ckpt / "trainer_state.json").exists():
             raise TunelabError(
                 f"--resume {ckpt}: not a checkpoint directory (no trainer_state.json)."
             )
-        return run_dir, ckpt
+        source = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/step-N
+        diff = _differences(source, cfg) if source.exists() else []
+        if diff:
+            raise TunelabError(
+                f"--resume {ckpt}: that checkpoint's run has another config (it differs in "
+                f"{', '.join(diff[:5])}); an exact resume needs the same settings (only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)."
+            )
     if not run_dir.exists() or not any(run_dir.iterdir()):
-        return run_dir, None
+        return run_dir, (ckpt if explicit else None)
     saved = run_dir / "config.yaml"
     if not saved.exists():  # --overwrite replaces a run, never a folder of other files
         raise TunelabError(
             f"output_dir {run_dir} is not empty and holds no tunelab run (no config.yaml); "
             "choose another --output_dir (--overwrite only replaces a tunelab run)."
         )
-    if cfg.overwrite:  # Trainer.run empties it, after every check has passed
+    if cfg.overwrite and not explicit:  # Trainer.run empties it, after every check has passed
         return run_dir, None
-    diff = config_differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    diff = _differences(saved, cfg)
+    if explicit:
+        if diff:
+            raise TunelabError(
+                f"output_dir {run_dir} holds another run (its config differs in "
+                f"{', '.join(diff[:5])}); resume into the checkpoint's own run dir or an "
+                "empty --output_dir."
+            )
+        return run_dir, ckpt
     if diff or cfg.resume == "never":
         why = f"its config differs in {', '.join(diff[:5])}" if diff else "resume is 'never'"
         raise TunelabError(
@@ -102,6 +121,10 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
         )
     checkpoints = list_checkpoints(run_dir)
     return run_dir, (checkpoints[-1] if checkpoints else None)
+
+
+def _differences(saved_config: Path, cfg: TrainConfig) -> list[str]:
+    return config_differences(yaml.safe_load(saved_config.read_text()) or {}, to_dict(cfg))
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -199,11 +222,18 @@ def _freeze_all_but(model: nn.Module, last_layers: int, modules: list[str]) -> N
     model.requires_grad_(False)
     prefix, layers = decoder_layers(model)
     n = len(layers)
+    if last_layers > n:
+        raise TunelabError(
+            f"freeze.last_layers is {last_layers} but the model has {n} layers; use at most "
+            f"{n} (or method full)."
+        )
     keep = [f"{prefix}.{i}" for i in range(max(0, n - last_layers), n)] + list(modules)
     named = dict(model.named_modules())
     for name in keep:
         if name not in named:
-            close = [m for m in named if m.endswith(name.split(".")[-1])][:3]
+            close = [m for m in named if m.endswith(name.split(".")[-1])][:3] or (
+                difflib.get_close_matches(name, list(named), n=3)
+            )
             raise TunelabError(
                 f"freeze.modules: no module named {name!r} in the model"
                 + (f" (similar: {', '.join(close)})" if close else "")

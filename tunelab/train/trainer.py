@@ -28,6 +28,7 @@ from tunelab.hardware import peak_flops
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batching import BatchPlan, count_targets, to_encoded
 from tunelab.train.config import TrainConfig
+from tunelab.train.estimate import estimate_for
 from tunelab.train.forward import forward_for
 from tunelab.train.loss import chunked_cross_entropy
 from tunelab.train.metrics import MetricsLogger, flops_per_token, freeze_plan
@@ -71,6 +72,7 @@ class Trainer:
 
             self.tokenizer.chat_template = resolve_template(self.tokenizer, cfg.data.template)
         self.data_stats = data.stats
+        self.data_fingerprint = Path(data.stats.cache_path).name  # the cache is named by it
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         t = cfg.train
         plan = dict(max_length=cfg.data.max_length, packing=cfg.data.packing, pad_id=pad_id)
@@ -78,8 +80,15 @@ class Trainer:
         self.val_plan = (
             BatchPlan(to_encoded(data.val), t.batch_size, seed=t.seed, **plan) if data.val else None
         )
-        per_epoch = self.train_plan.micro_batches_per_epoch()
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+        # A step never straddles two epochs: an epoch whose micro-batches grad_accum does not
+        # divide ends with a shorter step, so `epochs: 1` trains every example exactly once.
+        self.per_epoch = self.train_plan.micro_batches_per_epoch()
+        steps_per_epoch = math.ceil(self.per_epoch / t.grad_accum)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self._check_resume_point()
+        # The method's settings (LoRA targets, freeze modules) on a meta model first: a typo
+        # costs no model load. The same estimate --dry-run prints.
+        self.estimate = estimate_for(cfg, self.model_dir, self.precision)
         dev.manual_seed(t.seed)  # LoRA init and dropout draw from here: same seed, same run
         self.model = build_model(cfg, self.model_dir, self.device, self.precision)
         self.fwd = forward_for(self.model, cfg.data.packing)
@@ -87,11 +96,19 @@ class Trainer:
         self.freeze_plan = freeze_plan(self.model) if cfg.method == "freeze" else None
         self.optimizer = build_optimizer(self.model.parameters(), t.lr, t.weight_decay, self.device)
         warmup = warmup_steps(t.warmup, self.total_steps)
+        if warmup >= self.total_steps:
+            log.warning(
+                "train.warmup is %d steps of a %d-step run: the lr never reaches train.lr",
+                warmup,
+                self.total_steps,
+            )
+        if t.eval_every and self.val_plan is None:
+            log.warning("train.eval_every is set but there is no validation data (data.val)")
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, t.schedule)
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if self.precision.loss_scaling else None
         )
-        self.state = ckpt.TrainerState()
+        self.state = ckpt.TrainerState(data_fingerprint=self.data_fingerprint)
         self._stop_signal: int | None = None
 
     # ---- public --------------------------------------------------------------------------
@@ -110,7 +127,7 @@ class Trainer:
         self._write_run_files()
         metrics = MetricsLogger(self.run_dir, self.total_steps, self.state.step, self.progress)
         batches = self.train_plan.iterate(self.state.epoch, self.state.batch_in_epoch)
-        val_loss, saved_at, validated_at = None, None, None
+        val_loss, saved_at = self.state.last_val_loss, None
         # The handlers stay through the final saves: a signal there (the only checkpoint with
         # save_every 0) waits for them instead of killing the process half-way.
         with self._signals():
@@ -121,11 +138,11 @@ class Trainer:
                     if step % t.log_every == 0 or step == self.total_steps:
                         metrics.log(row)
                     if t.eval_every and step % t.eval_every == 0:
-                        val_loss, validated_at = self._validate(metrics), step
+                        val_loss = self._validate(metrics)
                     if t.save_every and step % t.save_every == 0:
                         self._save_checkpoint()
                         saved_at = step
-                if self._stop_signal is None and validated_at != self.state.step:
+                if self._stop_signal is None and self.state.validated_at != self.state.step:
                     val_loss = self._validate(metrics)
             finally:
                 metrics.close()
@@ -142,6 +159,28 @@ class Trainer:
                 )
                 return TrainResult(self.run_dir, None, self.state, val_loss)
             return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
+
+    def _check_resume_point(self) -> None:
+        """Refuse, before the model loads, a checkpoint this run cannot continue exactly: one
+        past its total steps, or one trained on other data (a file edited since)."""
+        if self.resume_from is None:
+            return
+        import json
+
+        saved = json.loads((self.resume_from / ckpt.STATE_FILE).read_text())
+        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+            raise TunelabError(
+                f"the training data changed since the checkpoint {self.resume_from} (its "
+                "files or their tokenization differ), so the run cannot continue exactly: "
+                "restore the data, or pass --overwrite to start afresh."
+            )
+        done = saved.get("step", 0)
+        if done > self.total_steps:
+            raise TunelabError(
+                f"the checkpoint {self.resume_from} is at step {done}, past this run's "
+                f"{self.total_steps} steps: raise train.max_steps (or train.epochs) to go on, "
+                "or pass --overwrite to start afresh."
+            )
 
     def _resync_lr(self) -> None:
         """Set the lr of the step to come from this run's schedule. The optimizer state holds
@@ -166,6 +205,8 @@ class Trainer:
             epoch, index, batch = next(batches)
             micro.append(batch)
             self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+            if index + 1 == self.per_epoch:  # the epoch's last micro-batch ends the step
+                break
         targets = sum(count_targets(b.labels) for b in micro)
         loss_total = 0.0
         for batch in micro:
@@ -240,6 +281,7 @@ class Trainer:
             total, count = total + float(loss_sum), count + n
         val = total / max(count, 1)
         metrics.log({"step": self.state.step, "val_loss": val, "val_tokens": count})
+        self.state.validated_at, self.state.last_val_loss = self.state.step, val
         if self.state.best_val_loss is None or val < self.state.best_val_loss:
             self.state.best_val_loss = val
         return val
