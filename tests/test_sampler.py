@@ -7,9 +7,11 @@ import torch
 
 from tunelab.engine.detokenizer import TextStream
 from tunelab.engine.sampler import (
+    SampleInput,
     SamplingParams,
     apply_repetition_penalty,
     filter_top_k_top_p,
+    sample_batch,
     sample_next,
 )
 from tunelab.errors import TunelabError
@@ -55,6 +57,23 @@ def test_seeded_sampling_is_reproducible_and_batch_independent():
     assert alone == in_batch
 
 
+def test_a_row_without_top_p_samples_the_same_next_to_one_with_it():
+    """A top_p=1.0 row keeps its whole tail when another row of the step uses top_p: in fp32
+    the rule `cumsum - p >= 1.0` would cut the tail once the running sum rounds to 1."""
+    vocab = 151936
+    logits = torch.full((vocab,), -17.0)
+    logits[0] = 0.0  # one likely token, ~0.4% of the mass in a flat tail
+    nucleus = SamplingParams(temperature=1.0, top_p=0.9, seed=99)
+    for seed in (1031, 6113, 6982, *range(20)):  # the first three differed before the fix
+        plain = SamplingParams(temperature=1.0, seed=seed)
+
+        def draw(params):
+            rows = [SampleInput(pp, [], 0, pp.make_generator(torch.device("cpu"))) for pp in params]
+            return sample_batch(logits.expand(len(params), -1), rows)[0]
+
+        assert draw([plain])[0] == draw([plain, nucleus])[0], seed
+
+
 def test_sampling_follows_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     gen = SamplingParams(seed=0).make_generator(torch.device("cpu"))
@@ -73,6 +92,7 @@ def test_sampling_follows_distribution():
         {"max_tokens": 0},
         {"stop": [""]},
         {"repetition_penalty": 0},
+        {"seed": 2**64 - 1, "n": 2},  # sample 1 would need seed 2**64
     ],
 )
 def test_invalid_params_name_the_field(kwargs):

@@ -207,12 +207,14 @@ class LLMEngine:
             return self._fail(request_id, list(prompt_ids), params, str(e))
         req = Request(request_id, prompt_ids, params)
         req.stream = stream or self.config.stream_text
+        # Every sample is built before any is queued: a failure leaves nothing half-added.
         for i in range(params.n):
             gen = params.make_generator(self.device, offset=i)
             seq = Sequence(request_id, prompt_ids, params, i, gen, req.arrival_time, adapter)
             self._add_seq(req, seq)
-            self.scheduler.add(seq)
         self.requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
         return request_id
 
     def _add_seq(self, req: Request, seq: Sequence) -> None:

@@ -8,6 +8,7 @@ engine's: vectorised filters and penalties, min-p, min_tokens and logprobs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,10 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 = off)"),
             (all(self.stop), "stop strings must not be empty"),
             (self.n >= 1, "n must be >= 1"),
+            (
+                self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n,
+                "seed must be in [-2**63, 2**64 - n] (sample i uses seed + i)",
+            ),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
@@ -164,7 +169,9 @@ def _filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         kth = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if any(p.top_p < 1 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        # inf for rows without top-p: with 1.0, a cumulative sum that rounds up to 1 in fp32
+        # would cut their tail, and a seeded row's tokens would depend on its companions.
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else math.inf for p in params], device=device)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Same rule as filter_top_k_top_p: drop a token once those before it reach top_p.
