@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import main
-from tunelab.errors import TunelabError
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -147,19 +146,32 @@ def test_convert_refuses_existing_out(capsys, make_tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat"])
-def test_debug_reraises(capsys, verb):
-    argv = ["--debug", verb, "--model", "/nonexistent/x", "--device", "cpu"]
+@pytest.mark.parametrize("where", ["before", "after"])  # --debug before or after the verb
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, verb, where):
+    argv = [verb, "--model", "/nonexistent/x", "--device", "cpu"]
     if verb == "generate":
         argv += ["--prompt", "hi"]
-    with pytest.raises(TunelabError, match="/nonexistent/x"):
-        main(argv)
-    assert "error:" not in capsys.readouterr().err
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TunelabError" in err
+    assert "error: " in err and "/nonexistent/x" in err
 
 
-def test_debug_reraises_damaged_weights(tiny_copy):
+def test_debug_shows_damaged_weights(tiny_copy, capsys):
     (tiny_copy / "model.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(TunelabError, match=r"model\.safetensors"):
-        main(["--debug", *generate_argv(tiny_copy)])
+    assert main(["--debug", *generate_argv(tiny_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "model.safetensors" in err
+
+
+def test_quiet_after_the_verb_and_unknown_flags_name_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--prompt", "hi", "--temprature", "0", "-q"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "tunelab generate: error: unrecognized arguments: --temprature 0" in err
+    assert "(did you mean --temperature?)" in err
 
 
 # ---- as a real process ------------------------------------------------------------------

@@ -31,19 +31,34 @@ class atomic_directory:  # lower-case: reads like a function in `with atomic_dir
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        # mkdtemp makes the dir private and some writers (safetensors) their files 0600:
+        # the result gets the modes a plain write would have (umask applied).
+        mask = _umask()
         for f in self.tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        self.tmp.chmod(0o755)  # mkdtemp makes it private
+                f.chmod(0o666 & ~mask)
+            elif f.is_dir():
+                f.chmod(0o777 & ~mask)
+        self.tmp.chmod(0o777 & ~mask)
         old = None
-        if self.out.exists():  # move the old copy aside so `out` is never missing for long
-            old = self.out.with_name(f"{self.tmp.name}-old")
+        if self.out.exists() or self.out.is_symlink():  # move the old copy aside, so `out`
+            old = self.out.with_name(f"{self.tmp.name}-old")  # is never missing for long
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         _fsync_dir(self.out.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --overwrite of a file (or a link) where a directory now goes
+                old.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -6,9 +6,11 @@ No logic lives here: each verb maps to one function in its stage module.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from tunelab import __version__
@@ -242,12 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    # The same two flags after the verb (`tunelab train x.yaml --debug`); SUPPRESS keeps a
+    # flag given before the verb from being reset by the verb's default.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     parsers = {
-        name: sub.add_parser(name, help=help_, description=help_)
+        name: sub.add_parser(name, help=help_, description=help_, parents=[common])
         for name, (_, help_) in VERBS.items()
     }
+    parser.verb_parsers = parsers  # main() reports unknown flags with the verb's own usage
 
     parsers["env"].add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -295,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = data_sub.add_parser(
         "prepare",
+        parents=[common],
         help="tokenize and cache the data; print examples read, skipped, truncated, tokens",
         description="Tokenize and cache the data section of CONFIG, then print statistics.",
         epilog=overrides_help,
@@ -302,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config with `model` and `data` sections")
     p = data_sub.add_parser(
         "show",
+        parents=[common],
         help="print rendered examples with the trained tokens highlighted",
         description="Render the first examples through the chat template; trained tokens are "
         "green on a terminal and inside [[ ]] otherwise.",
@@ -309,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config with `model` and `data` sections")
     p.add_argument("-n", type=int, default=3, help="how many examples (default: 3)")
+    parser.data_parsers = data_sub.choices
 
     p = parsers["train"]
     p.description = (
@@ -353,20 +364,54 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     log.propagate = False
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -> None:
+    """Unknown flags: the verb's usage (not the top level's) and the closest real flag."""
+    verb_parser = parser.verb_parsers[args.verb]
+    if args.verb == "data" and getattr(args, "data_verb", None):
+        verb_parser = parser.data_parsers[args.data_verb]
+    known = [o for action in verb_parser._actions for o in action.option_strings]
+    flag = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), None)
+    close = difflib.get_close_matches(flag, known, n=1) if flag else []
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
+def _user_error(e: BaseException) -> str:
+    """One line for the OS-level mistakes a user makes (a bad path, undecodable input)."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"input is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8."
+    assert isinstance(e, OSError)
+    where = f": {e.filename}" if e.filename else ""
+    if isinstance(e, IsADirectoryError):
+        return f"expected a file but found a directory{where}."
+    if isinstance(e, NotADirectoryError | FileExistsError):
+        return f"a file is in the way of a directory{where}; choose another path."
+    return f"{e.strerror or e}{where}."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = split_overrides(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
     args.overrides = overrides
+    args.debug, args.quiet = getattr(args, "debug", False), getattr(args, "quiet", False)
     setup_logging(args.debug, args.quiet)
     handler = VERBS[args.verb][0]
     try:
         return handler(args)
     except TunelabError as e:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            FileExistsError, PermissionError) as e:  # fmt: skip
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_user_error(e)} (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

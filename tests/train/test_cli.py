@@ -129,6 +129,8 @@ def test_run_dir_policy(capsys, recipe, monkeypatch):
         m.setattr("tunelab.models.loading.load_model", _no_load)
         line = fails(capsys, [str(recipe), "--train.lr", "1e-3"])
         assert "holds another run" in line and "train.lr" in line and "--overwrite" in line
+        line = fails(capsys, [str(recipe), "--train.lr", "1e-3", "--dry-run"])  # same verdict
+        assert "holds another run" in line
         # A bad --overwrite command leaves the old run alone.
         fails(
             capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite", "--train.precision", "fp16"]
@@ -147,6 +149,8 @@ def test_run_dir_policy(capsys, recipe, monkeypatch):
     out = succeeds(capsys, [str(recipe), "--train.max_steps", "2"])
     assert "trained 2 steps" in out
     assert [r["step"] for r in read_rows(run) if "loss" in r] == [1, 2]
+    out = succeeds(capsys, [str(recipe), "--train.max_steps", "2"])  # nothing left to do
+    assert "the run was already complete (2 steps" in out
 
     # --overwrite starts afresh with the new config.
     succeeds(capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite"])

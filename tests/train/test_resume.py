@@ -216,3 +216,31 @@ def test_a_resume_onto_changed_data_is_refused(make_tiny_model, tmp_path):
         Trainer(config(3), progress=False)
     write_chats(train, 8, seed=1)  # restored: the run goes on
     assert Trainer(config(3), progress=False).run().state.step == 3
+
+
+@pytest.mark.parametrize("damage", ["weights", "state", "optimizer", "scheduler"])
+def test_a_damaged_checkpoint_is_one_clear_error_naming_an_older_one(
+    make_tiny_model, tmp_path, damage
+):
+    from tunelab.errors import TunelabError
+
+    model_dir = make_tiny_model("llama")
+    train = write_chats(tmp_path / "train.jsonl", 8, seed=1)
+
+    def config(steps):
+        return tiny_config(model_dir, train, tmp_path / "run", tmp_path / "cache",
+                           train__max_steps=steps, train__save_every=1)  # fmt: skip
+
+    Trainer(config(2), progress=False).run()
+    newest = tmp_path / "run" / "checkpoints" / "step-2"
+    if damage == "weights":
+        (newest / ckpt.TRAINABLE_FILE).write_bytes(b"\x00" * 10)
+    elif damage == "state":
+        (newest / ckpt.STATE_FILE).write_text("{")
+    elif damage == "optimizer":
+        data = (newest / "optimizer.pt").read_bytes()
+        (newest / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    else:
+        (newest / "scheduler.pt").unlink()
+    with pytest.raises(TunelabError, match=r"step-2 is damaged .*--resume .*step-1\)"):
+        Trainer(config(3), progress=False).run()

@@ -9,6 +9,7 @@ newest ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -108,15 +109,48 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
 ) -> TrainerState:
+    state = read_state(path)
+    try:
+        load_weights(path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if scaler is not None and (path / SCALER_FILE).exists():  # older ones: fresh scale
+            scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    except TunelabError:
+        raise
+    except Exception as e:  # a truncated or missing file: say which checkpoint, and what to do
+        raise damaged(path, e) from e
+    return TrainerState(**state)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json (a clear error when it is missing or damaged)."""
     if not (path / STATE_FILE).exists():
         raise TunelabError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
-    load_weights(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if scaler is not None and (path / SCALER_FILE).exists():  # older checkpoints: fresh scale
-        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        known = {f.name for f in dataclasses.fields(TrainerState)}
+        if not isinstance(state, dict) or not set(state) <= known:
+            raise ValueError(f"unexpected content in {STATE_FILE}")
+        return state
+    except (OSError, ValueError) as e:
+        raise damaged(path, e) from e
+
+
+def damaged(path: Path, cause: Exception) -> TunelabError:
+    run_dir = path.parent.parent  # <run>/checkpoints/step-N
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < _step_or_max(path)]
+    fix = f"resume from an older one (--resume {older[-1]})" if older else "remove it"
+    return TunelabError(
+        f"checkpoint {path} is damaged ({type(cause).__name__}: {str(cause)[:120]}); {fix}, "
+        "or pass --overwrite to start the run afresh."
+    )
+
+
+def _step_or_max(path: Path) -> int:
+    name = path.name.removeprefix("step-")
+    return int(name) if name.isdigit() else 1 << 62
 
 
 def save_tensors(model: torch.nn.Module, directory: Path, only_trainable: bool = True) -> None:

@@ -23,18 +23,23 @@ def run_train(
     from tunelab.train.trainer import train
 
     result = train(cfg, progress=out.isatty() if hasattr(out, "isatty") else False)
-    if result.final_dir is None:
-        return 130  # stopped by a signal; the checkpoint is saved
+    if result.final_dir is None:  # stopped by a signal; the checkpoint is saved
+        return 128 + (result.stop_signal or 2)  # the shell's code for that signal
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    out.write(f"trained {result.state.step} steps{val}; output in {result.final_dir}\n")
+    if result.steps_run == 0:
+        done = f"the run was already complete ({result.state.step} steps{val})"
+    else:
+        done = f"trained {result.state.step} steps{val}"
+    out.write(f"{done}; output in {result.final_dir}\n")
     return 0
 
 
 def _dry_run(cfg, out: TextIO) -> int:
     from tunelab.hub import resolve_model
     from tunelab.train.estimate import estimate_for
-    from tunelab.train.setup import resolve_precision
+    from tunelab.train.setup import prepare_run_dir, resolve_precision
 
+    prepare_run_dir(cfg)  # the clash the real run would refuse (reads, never writes)
     device = dev.resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device, cfg.method)
     est = estimate_for(cfg, resolve_model(cfg.model), precision)
@@ -50,8 +55,10 @@ def _dry_run(cfg, out: TextIO) -> int:
     if est.total_bytes > 0.95 * free:
         raise TunelabError(
             f"the run needs about {est.total_bytes / 2**30:.1f} GiB but {device} has "
-            f"{free / 2**30:.1f} GiB free; lower train.batch_size or data.max_length, set "
-            "train.grad_checkpointing true, or use method qlora."
+            f"{free / 2**30:.1f} GiB free; lower train.batch_size or data.max_length"
+            + ("" if cfg.train.grad_checkpointing else ", set train.grad_checkpointing true")
+            + ("" if cfg.method == "qlora" else ", or use method qlora")
+            + "."
         )
     out.write("fits: yes\n")
     return 0

@@ -49,6 +49,8 @@ class TrainResult:
     final_dir: Path | None  # None when stopped by a signal before the end
     state: ckpt.TrainerState
     val_loss: float | None
+    stop_signal: int | None = None  # the signal that stopped the run
+    steps_run: int = 0  # optimizer steps taken by this call (0: the run was already done)
 
 
 class Trainer:
@@ -125,6 +127,7 @@ class Trainer:
             self._resync_lr()
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
         self._write_run_files()
+        first_step = self.state.step
         metrics = MetricsLogger(self.run_dir, self.total_steps, self.state.step, self.progress)
         batches = self.train_plan.iterate(self.state.epoch, self.state.batch_in_epoch)
         val_loss, saved_at = self.state.last_val_loss, None
@@ -157,17 +160,19 @@ class Trainer:
                     self.state.step,
                     path,
                 )
-                return TrainResult(self.run_dir, None, self.state, val_loss)
-            return TrainResult(self.run_dir, self._save_final(), self.state, val_loss)
+                ran = self.state.step - first_step
+                return TrainResult(self.run_dir, None, self.state, val_loss, self._stop_signal, ran)
+            final = self._save_final()
+            return TrainResult(
+                self.run_dir, final, self.state, val_loss, steps_run=self.state.step - first_step
+            )
 
     def _check_resume_point(self) -> None:
         """Refuse, before the model loads, a checkpoint this run cannot continue exactly: one
         past its total steps, or one trained on other data (a file edited since)."""
         if self.resume_from is None:
             return
-        import json
-
-        saved = json.loads((self.resume_from / ckpt.STATE_FILE).read_text())
+        saved = ckpt.read_state(self.resume_from)
         if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             raise TunelabError(
                 f"the training data changed since the checkpoint {self.resume_from} (its "
