@@ -115,7 +115,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tunelab.engine.infer import run_infer
 
     params = sampling_params(args)  # checked before the model loads
-    written = run_infer(
+    summary = run_infer(
         args.model,
         args.input,
         args.output,
@@ -127,7 +127,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
         system=args.system,
         engine_config=engine_config(args),
     )
-    print(f"wrote {written} new result(s) to {args.output}")  # 0: every id was already there
+    # 0 written: every id was already there
+    print(f"wrote {summary.written} new result(s) to {args.output}")
+    if summary.failed:
+        print(
+            f'error: {summary.failed} request(s) failed (their lines hold "error"); run the same '
+            "command again to retry them.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

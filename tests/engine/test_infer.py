@@ -29,9 +29,9 @@ def test_infer_writes_every_record_and_resumes(make_tiny_model, tmp_path):
     write_jsonl(src, records)
     kwargs = dict(device="cpu", dtype="fp32", show_progress=False)
     cfg = EngineConfig(max_num_batched_tokens=16)
-    assert run_infer(model, src, out, PARAMS, engine_config=cfg, **kwargs) == 3
+    assert run_infer(model, src, out, PARAMS, engine_config=cfg, **kwargs).written == 3
     full = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(full) == {"1", "b", "c"}
+    assert set(full) == {1, "b", "c"}  # each id as the input gave it
     assert all(
         r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in full.values()
     )
@@ -39,10 +39,10 @@ def test_infer_writes_every_record_and_resumes(make_tiny_model, tmp_path):
     # An interrupted run: one result written, the next torn mid-line.
     first = json.dumps(full["b"]) + "\n"
     out.write_text(first + json.dumps(full["c"])[:20])
-    assert run_infer(model, src, out, PARAMS, **kwargs) == 2  # redoes "1" and the torn "c"
+    assert run_infer(model, src, out, PARAMS, **kwargs).written == 2  # redoes 1 and torn "c"
     again = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert again == full
-    assert run_infer(model, src, out, PARAMS, **kwargs) == 0
+    assert run_infer(model, src, out, PARAMS, **kwargs).written == 0
 
 
 def test_infer_rejects_bad_adapters_and_bad_lines(make_tiny_model, tmp_path):
@@ -70,8 +70,34 @@ def test_resume_reads_outputs_holding_unicode_line_separators(make_tiny_model, t
     write_jsonl(src, [{"id": 1, "prompt": "x"}, {"id": 2, "prompt": "y"}])
     line = {"id": "1", "output": "a\u2028b\u0085c\u2029", "finish_reason": "length"}
     out.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False) == 1
-    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False) == 0
+    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False).written == 1
+    assert run_infer(model, src, out, PARAMS, "cpu", "fp32", show_progress=False).written == 0
+
+
+def test_failed_requests_are_retried_by_the_next_run(make_tiny_model, tmp_path, capsys):
+    """A run whose requests all fail (a cache too small) says so and exits 1; the same
+    command with a big enough cache retries them, leaving one line per id."""
+    from tunelab.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out" / "results.jsonl"  # parent made
+    write_jsonl(src, [{"id": i, "prompt": "hello world " * 3} for i in range(3)])
+    argv = ["infer", "--model", str(make_tiny_model("llama")), "--device", "cpu", "--input",
+            str(src), "--output", str(out), "--temperature", "0", "--max-tokens", "2"]  # fmt: skip
+    assert main([*argv, "--max-cache-tokens", "8"]) == 1
+    assert "3 request(s) failed" in capsys.readouterr().err
+    assert all("error" in json.loads(line) for line in out.read_text().splitlines())
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [0, 1, 2] and not any("error" in r for r in rows)
+
+
+def test_the_input_file_is_not_an_output(make_tiny_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": 1, "prompt": "x"}])
+    with pytest.raises(TunelabError, match="is the input file"):
+        run_infer(str(make_tiny_model("llama")), src, src, PARAMS, "cpu")
+    with pytest.raises(TunelabError, match="is a directory"):
+        run_infer(str(make_tiny_model("llama")), src, tmp_path, PARAMS, "cpu")
 
 
 def test_a_foreign_line_in_the_output_is_a_clear_error(make_tiny_model, tmp_path):

@@ -7,7 +7,9 @@ is done and flushed, so an interrupted run loses nothing: running again skips th
 in the output.
 
 Output lines: ``{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens"}``
-(``outputs``: the list of texts when ``n`` > 1; ``error`` when the request failed).
+(``outputs``: the list of texts when ``n`` > 1; ``error`` when the request failed). Ids keep
+their JSON type; they are matched as text, so ``1`` and ``"1"`` are the same id. A failed
+request's line is dropped and the request retried when the same command runs again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,12 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 1024  # requests queued in the engine at once (bounds memory on huge files)
 
 
+@dataclass
+class InferSummary:
+    written: int  # result lines this call appended
+    failed: int  # of them, requests that failed (their line holds "error")
+
+
 def run_infer(
     model: str,
     input_path: str | Path,
@@ -43,56 +52,80 @@ def run_infer(
     system: str | None = None,
     engine_config: EngineConfig | None = None,
     show_progress: bool = True,
-) -> int:
-    """Complete every record of ``input_path`` not yet in ``output_path``; return how many.
+) -> InferSummary:
+    """Complete every record of ``input_path`` not yet in ``output_path``.
 
     ``adapter``: a PEFT LoRA adapter directory applied to every request (not merged).
     """
-    records = read_records(Path(input_path))
-    done = finished_ids(Path(output_path))
-    todo = [r for r in records if r["id"] not in done]
+    input_path, output_path = Path(input_path), Path(output_path)
+    _check_output(input_path, output_path)
+    records = read_records(input_path)
+    done = finished_ids(output_path)
+    todo = [r for r in records if key(r) not in done]
     if done:
         log.info("resuming: %d of %d records already in %s", len(done), len(records), output_path)
     if not todo:
-        return 0
+        return InferSummary(0, 0)
     engine = LLMEngine.from_pretrained(model, device, dtype, engine_config)
     lora = None
     if adapter is not None:
         lora = engine.load_adapter("adapter", adapter).name
+    ids = {key(r): r["id"] for r in todo}  # request id (text) -> the id as the input gave it
+    summary = InferSummary(0, 0)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "a", encoding="utf-8") as out, _progress(show_progress) as bar:
         task = bar.add_task("infer", total=len(records), completed=len(records) - len(todo))
-        pending = iter(todo)
+
+        def write(result: RequestOutput) -> None:
+            _write(out, result, ids[result.request_id])
+            bar.advance(task)
+            summary.written += 1
+            summary.failed += result.error is not None
+
         in_flight = 0
-        for record in pending:  # fill the engine, then refill as results come out
+        for record in todo:  # fill the engine, then refill as results come out
             prompt = _prompt(record, raw, system)
-            engine.add_request(prompt, params, request_id=record["id"], lora=lora)
+            engine.add_request(prompt, params, request_id=key(record), lora=lora)
             in_flight += 1
             if in_flight < MAX_IN_FLIGHT:
                 continue
-            in_flight -= _drain(engine, out, bar, task, until_one=True)
+            in_flight -= _drain(engine, write, until_one=True)
         while engine.has_unfinished():
-            _drain(engine, out, bar, task, until_one=False)
-    return len(todo)
+            _drain(engine, write, until_one=False)
+    return summary
 
 
-def _drain(engine: LLMEngine, out, bar, task, until_one: bool) -> int:
+def key(record: dict) -> str:
+    """A record's id as text: what resume matches on (and the engine's request id)."""
+    return str(record["id"])
+
+
+def _check_output(input_path: Path, output_path: Path) -> None:
+    if output_path.is_dir():
+        raise TunelabError(f"--output {output_path} is a directory; give a .jsonl file path.")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise TunelabError(
+            f"--output {output_path} is the input file; write the results to another file."
+        )
+
+
+def _drain(engine: LLMEngine, write, until_one: bool) -> int:
     """Step the engine, writing finished requests; stop after one result if ``until_one``."""
     written = 0
     while engine.has_unfinished():
         for delta in engine.step():
             if delta.finished:
-                _write(out, engine.pop_output(delta.request_id))
-                bar.advance(task)
+                write(engine.pop_output(delta.request_id))
                 written += 1
         if until_one and written:
             break
     return written
 
 
-def _write(out, result: RequestOutput) -> None:
+def _write(out, result: RequestOutput, record_id: Any) -> None:
     texts = [o.text for o in result.outputs]
     line: dict[str, Any] = {
-        "id": result.request_id,
+        "id": record_id,
         "output": texts[0],
         "finish_reason": result.outputs[0].finish_reason,
         "prompt_tokens": len(result.prompt_token_ids),
@@ -116,7 +149,9 @@ def _prompt(record: dict, raw: bool, system: str | None):
 
 
 def read_records(path: Path) -> list[dict]:
-    """Parse and check the input JSONL (ids are kept as strings)."""
+    """Parse and check the input JSONL (ids unique as text: ``1`` and ``"1"`` clash)."""
+    if path.is_dir():
+        raise TunelabError(f"--input {path} is a directory; give a JSONL file.")
     if not path.is_file():
         raise TunelabError(f"input file {path} does not exist.")
     records, seen = [], set()
@@ -141,18 +176,20 @@ def read_records(path: Path) -> list[dict]:
                     f'{where}: give exactly one of "prompt" (text) or "messages" (a list of '
                     '{"role", "content"}).'
                 )
-            record["id"] = str(record["id"])
-            if record["id"] in seen:
+            if not isinstance(record["id"], str | int) or isinstance(record["id"], bool):
+                raise TunelabError(f'{where}: "id" must be a string or an integer.')
+            if key(record) in seen:
                 raise TunelabError(
-                    f"{where}: id {record['id']!r} appears twice; ids must be unique."
+                    f"{where}: id {key(record)!r} appears twice; ids must be unique."
                 )
-            seen.add(record["id"])
+            seen.add(key(record))
             records.append(record)
     return records
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Ids already written to ``path``; a torn last line (a crash mid-write) is cut off."""
+    """Ids (as text) already done in ``path``. A torn last line (a crash mid-write) is cut
+    off, and the lines of failed requests are dropped, so that they are tried again."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -164,19 +201,38 @@ def finished_ids(path: Path) -> set[str]:
             f.flush()
             os.fsync(f.fileno())
         data = data[:keep]
-    ids = set()
+    ids, kept, failed = set(), [], 0
     # split("\n"), not splitlines(): outputs may hold U+2028 / U+0085, which it splits on too
     for lineno, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
         if not line.strip():
             continue
         try:
-            ids.add(str(json.loads(line)["id"]))
+            result = json.loads(line)
+            record_id = str(result["id"])
         except (json.JSONDecodeError, TypeError, KeyError):
             raise TunelabError(
                 f"{path}:{lineno} is not a result line of tunelab infer (no JSON with an "
                 '"id"): point --output at a new file, or delete that line to resume.'
             ) from None
+        if result.get("error") is not None:
+            failed += 1
+            continue
+        ids.add(record_id)
+        kept.append(line + "\n")
+    if failed:
+        log.info("retrying %d failed request(s) from %s", failed, path)
+        _rewrite(path, "".join(kept))
     return ids
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace ``path``'s content atomically (a temp sibling, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _progress(enabled: bool):
