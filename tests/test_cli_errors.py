@@ -268,3 +268,13 @@ def test_generate_prints_only_the_answer_on_stdout(capsys, make_tiny_model):
     )
     assert out == expected + "\n"  # logs ("loaded ...") go to stderr, never into the answer
     assert "loaded" in err and "Traceback" not in err
+
+
+def test_an_empty_or_undecodable_prompt_is_one_error(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["generate", "--prompt", "-", "--device", "cpu"]) == 2
+    assert "standard input (--prompt -) was empty" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "\udcff", "--device", "cpu"]) == 2  # argv byte 0xff
+    assert "the byte 0xff, which is not UTF-8 text" in capsys.readouterr().err

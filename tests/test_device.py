@@ -305,3 +305,9 @@ def test_cuda_bf16_counts_native_support_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert not dev.supports_bf16("cuda") and calls == [False]
     assert dev.default_dtype("cuda") == torch.float16
+
+
+def test_the_cpu_has_one_index():
+    assert dev.resolve_device("cpu:0") == torch.device("cpu", 0)
+    with pytest.raises(TunelabError, match="there is one cpu device; use cpu"):
+        dev.resolve_device("cpu:1")

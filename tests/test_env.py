@@ -241,6 +241,7 @@ def test_cann_version_from_toolkit_files(tmp_path):
         (fake_report(), 0),
         (fake_report(torch={"cuda": None}, devices=[HEALTHY["devices"][1]]), 0),  # warning only
         (npu_host(version="2.1.0", matches_torch=False), 1),
+        (fake_report(device_error="Unknown device type 'foo'"), 1),  # TUNELAB_DEVICE=foo
     ],
 )
 def test_run_exit_code_follows_error_severity(monkeypatch, report, code):

@@ -132,6 +132,14 @@ def test_targets_and_freezing(tiny):
         apply_lora(model, LoraConfig())
 
 
+def test_a_single_name_given_as_text_is_that_name_not_a_pattern(tiny):
+    """`--lora.targets q_proj` (a string): as a regex it matches no full name."""
+    model = ours(tiny)
+    assert apply_lora(model, LoraConfig(rank=4, targets="q_proj")) == [
+        f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)
+    ]
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["qproj"], r"nothing\.matches"])
 def test_unknown_targets(tiny, targets):
     with pytest.raises(TunelabError, match="gate_proj") as e:

@@ -38,10 +38,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.engine.prompts import check_text
     from tunelab.engine.simple import SimpleGenerator
 
     params = sampling_params(args)  # bad flags fail before a model is fetched or loaded
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        where = "standard input (--prompt -) was empty" if args.prompt == "-" else "it is empty"
+        raise TunelabError(f"no prompt: {where}; give the text to complete.")
+    check_text(prompt, "the prompt")  # bytes that are not UTF-8 arrive as lone surrogates
     gen = SimpleGenerator.load(args.model, args.device, args.dtype, adapter=args.adapter)
     if args.raw:
         ids = gen.encode_text(prompt)

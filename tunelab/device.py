@@ -139,6 +139,11 @@ def resolve_device(spec: DeviceLike | None = None) -> torch.device:
             f"Device {str(spec)!r}{source} is not available here (available: "
             f"{', '.join(available_device_types())}). {_unavailable_hint(device_type)}"
         )
+    if device_type in ("cpu", "mps") and index not in (None, 0):
+        raise TunelabError(
+            f"Device {device_type}:{index} does not exist: there is one {device_type} device; "
+            f"use {device_type}."
+        )
     count = device_count(device_type)
     if index is not None and index >= count and device_type != "cpu":
         var = visible_devices_var(device_type)

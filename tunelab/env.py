@@ -262,6 +262,17 @@ def check_transformers(version: str | None) -> Problem | None:
     return Problem("error", f"transformers {what}.", "pip install -U 'transformers>=5.0'")
 
 
+def check_device_choice(device_error: str | None) -> Problem | None:
+    """The device that `auto` / TUNELAB_DEVICE picks cannot be used: every verb would fail."""
+    if not device_error:
+        return None
+    return Problem(
+        "error",
+        f"No usable device: {device_error}",
+        "Fix or unset TUNELAB_DEVICE (auto picks npu, cuda, mps, then cpu), or pass --device.",
+    )
+
+
 def diagnose(report: dict) -> list[Problem]:
     """Known problems found in a `collect()` report, errors first."""
     torch_info, npu = report["torch"], report["torch_npu"]
@@ -279,6 +290,7 @@ def diagnose(report: dict) -> list[Problem]:
         check_cuda_torch_on_npu_host(torch_info["version"], torch_info["cuda"], ascend_host),
         check_cuda_visible_devices(torch_info["cuda"], cuda_visible, device_types.count("cuda")),
         check_accelerator(device_types, report.get("cpu_bf16_matmul")),
+        check_device_choice(report.get("device_error")),
     ]
     problems = [p for p in found if p is not None]
     return sorted(problems, key=lambda p: p.severity != "error")

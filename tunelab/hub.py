@@ -59,7 +59,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             f"model path {spec!r} is a file, not a model directory or a .gguf file; point "
             "--model at an HF-format directory (with config.json) or a .gguf file."
         )
-    if _looks_like_path(spec) or path.exists():
+    if looks_like_path(spec) or path.exists():
         raise TunelabError(
             f"model path {spec!r} does not exist (or is not a directory or .gguf file); "
             "check the path, or use `default` or a hub id such as org/name."
@@ -78,12 +78,13 @@ def peft_base_name(spec: str | os.PathLike, resolved: Path) -> str:
     if spec.startswith("hf://"):
         return spec.removeprefix("hf://")
     local = spec == "default" or spec.startswith("modelscope://") or spec.endswith(".gguf")
-    if not local and not Path(spec).expanduser().exists() and not _looks_like_path(spec):
+    if not local and not Path(spec).expanduser().exists() and not looks_like_path(spec):
         return spec
     return str(Path(resolved).resolve())
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` reads as a local path rather than a hub ``org/name``."""
     return spec.startswith((".", "/", "~")) or spec.count("/") != 1
 
 

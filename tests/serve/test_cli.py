@@ -19,6 +19,30 @@ def test_bad_adapter_fails_before_the_model_loads(capsys):
     assert "--adapter a=/x: /x is not a PEFT adapter" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_the_model_loads(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--model", "/nonexistent", "--port", "99999"]) == 2
+    assert "--port 99999 is not a port number" in capsys.readouterr().err
+    assert main(["serve", "--model", "/nonexistent", "--max-queue", "-1"]) == 2
+    assert "--max-queue must be >= 0" in capsys.readouterr().err
+
+
+def test_deploy_refuses_bad_numbers_and_a_missing_model(tmp_path, capsys):
+    base = ["deploy", "k8s", "--out", str(tmp_path / "k8s")]
+    assert main([*base, "--model", "org/name", "--gpus", "-1"]) == 2
+    assert "--gpus must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "k8s").exists()
+
+
 def test_adapter_syntax():
     assert parse_adapters(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
     with pytest.raises(TunelabError, match="NAME=PATH"):
@@ -68,8 +92,9 @@ def test_backend_maps_every_flag_or_refuses_it(backend, monkeypatch):
 
 
 def test_deploy_k8s(tmp_path, capsys):
-    out = tmp_path / "k8s"
-    assert main(["deploy", "k8s", "--model", "/models/My_Model", "--out", str(out),
+    out, model = tmp_path / "k8s", tmp_path / "My_Model"
+    model.mkdir()
+    assert main(["deploy", "k8s", "--model", str(model), "--out", str(out),
                  "--port", "8080"]) == 0  # fmt: skip
     dockerfile = (out / "Dockerfile").read_text()
     assert "8080" in dockerfile and "/models/my-model" in dockerfile

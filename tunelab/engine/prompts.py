@@ -96,10 +96,12 @@ def check_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise TunelabError(
-            f"{what} holds an invalid character {text[e.start]!r} at offset {e.start} (a lone "
-            "UTF-16 surrogate, not Unicode text): fix or drop it."
-        ) from None
+        char = text[e.start]
+        if "\udc80" <= char <= "\udcff":  # how Python hands over argv / stdin bytes
+            why = f"the byte 0x{ord(char) - 0xDC00:02x}, which is not UTF-8 text"
+        else:
+            why = f"an invalid character {char!r} (a lone UTF-16 surrogate, not Unicode text)"
+        raise TunelabError(f"{what} holds {why} at offset {e.start}: fix or drop it.") from None
     return text
 
 

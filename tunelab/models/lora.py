@@ -142,6 +142,8 @@ def select_targets(model: Decoder, targets: list[str] | str) -> list[str]:
         return names
     if isinstance(targets, str):
         chosen = [n for n in names if re.fullmatch(targets, n)]
+        if not chosen and re.fullmatch(r"\w+", targets) and targets in valid:
+            return select_targets(model, [targets])  # `--lora.targets q_proj`: a name
         if not chosen:
             raise TunelabError(f"LoRA target pattern {targets!r} matches no layer; {hint}.")
         return chosen

@@ -93,10 +93,40 @@ def check_adapters(adapters: dict[str, str]) -> None:
             raise TunelabError(f"--adapter {name}={path}: {e}") from None
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail before the model loads when the address cannot be served (a port in use, a
+    host that is not this machine's): uvicorn would only find out after."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise TunelabError(f"--port {port} is not a port number (0..65535).")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise TunelabError(
+            f"cannot listen on {host}:{port} ({why}); choose another --port, or a --host of "
+            "this machine."
+        ) from None
+
+
+def _check_serve_numbers(args: argparse.Namespace) -> None:
+    if args.max_queue < 0:
+        raise TunelabError(f"--max-queue must be >= 0 (got {args.max_queue}).")
+    if args.shutdown_timeout < 0:
+        raise TunelabError(f"--shutdown-timeout must be >= 0 (got {args.shutdown_timeout}).")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or str(args.model)
     adapters = parse_adapters(args.adapter, name)
     check_adapters(adapters)  # before the (slow) model load
+    _check_serve_numbers(args)
+    check_listen(args.host, args.port)
     if args.backend != "tunelab":
         from tunelab.hub import resolve_model
 
@@ -285,7 +315,16 @@ def add_deploy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
+    from tunelab.hub import looks_like_path
     from tunelab.serve.k8s import write_k8s
+
+    if args.gpus < 0:
+        raise TunelabError(f"--gpus must be >= 0 (got {args.gpus}).")
+    if not 1 <= args.port <= 65535:
+        raise TunelabError(f"--port {args.port} is not a port number (1..65535).")
+    model = str(args.model)
+    if model != "default" and looks_like_path(model) and not Path(model).expanduser().exists():
+        raise TunelabError(f"--model {model} does not exist; give a model directory or hub id.")
 
     for path in write_k8s(
         args.model,
