@@ -245,3 +245,14 @@ def test_stop_string_before_half_a_character_stops_at_once():
     assert stream.add(1) == "" and stream.stopped and stream.text == "x"
     plain = TextStream(ByteTokenizer())  # no stop: the half character is still held back
     assert plain.add(1) == "" and plain.add(2) == "STOP\u3042"
+
+
+def test_a_tiny_positive_temperature_samples_the_best_token_not_nan():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50) * 10
+    best = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=1e-40, seed=i) for i in range(2)]
+    rows = [SampleInput(p, [], 0, p.make_generator(torch.device("cpu"))) for p in params]
+    assert sample_batch(logits, rows)[0] == best
+    gens = [p.make_generator(torch.device("cpu")) for p in params]
+    assert sample_next(logits, params, [[], []], gens) == best

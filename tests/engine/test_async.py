@@ -215,3 +215,40 @@ def test_shutdown_right_after_a_refused_request_ends_its_stream(tiny_llm):
     _, _, deltas = asyncio.run(main())
     assert deltas[-1].finished and deltas[-1].finish_reason == "error"
     assert "unknown LoRA adapter" in deltas[-1].error
+
+
+def test_a_request_added_while_shutdown_runs_is_not_lost(tiny_llm):
+    """shutdown() queues its stop and waits for the loop; a request queued behind the stop is
+    run by a new loop (it used to wait forever)."""
+    import threading
+    import time
+
+    llm = tiny_llm("llama")
+    engine = AsyncEngine(llm.engine)
+    run, in_step = llm.engine.runner.run, threading.Event()
+
+    def slow_run(batch):  # a step long enough to queue commands behind the stop
+        in_step.set()
+        time.sleep(0.3)
+        return run(batch)
+
+    llm.engine.runner.run = slow_run
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        first = engine.add_request([5, 6, 7], params)
+        await anext(first)
+        in_step.clear()
+        await asyncio.to_thread(in_step.wait)  # the loop is inside a step
+        stopper = threading.Thread(target=engine.shutdown)
+        stopper.start()
+        while None not in list(engine._commands.queue):  # the stop is queued
+            await asyncio.sleep(0.001)
+        late = engine.add_request([8, 9], params)
+        await asyncio.to_thread(stopper.join)
+        result = await asyncio.wait_for(collect(late), timeout=30)
+        await asyncio.to_thread(engine.shutdown)
+        return result
+
+    _, tokens, deltas = asyncio.run(main())
+    assert deltas[-1].finish_reason == "length" and len(tokens) == 3

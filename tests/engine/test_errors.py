@@ -34,6 +34,17 @@ def test_request_larger_than_the_whole_cache_is_rejected(tiny_llm):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_a_request_that_fills_the_cache_exactly_runs(tiny_llm):
+    """13 prompt + 4 new tokens need 16 slots (the last sampled token is never cached): a
+    16-token cache runs it, one prompt token more is refused."""
+    llm = tiny_llm("llama", max_cache_tokens=16, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    fits, too_long = prompts_of_lengths([13, 14], seed=3)
+    outs = llm.generate([fits, too_long], params)
+    assert outs[0].error is None and len(outs[0].outputs[0].token_ids) == 4
+    assert outs[1].outputs[0].finish_reason == "error" and "needs 17 tokens" in outs[1].error
+
+
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [([], "empty"), ([5, 99999], "outside the vocabulary"), ([1.5], "a prompt is text")],

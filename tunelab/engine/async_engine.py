@@ -73,6 +73,9 @@ class AsyncEngine:
         self._streams: dict[str, _Add] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        # Held while a command is queued and while shutdown() decides what is left, so that
+        # a request added during a shutdown is run by a new loop instead of being lost.
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._failed_steps = 0  # consecutive steps that raised
 
@@ -104,11 +107,33 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the step loop; unfinished requests are aborted."""
-        if self._thread is not None and self._thread.is_alive():
+        """Stop the step loop; unfinished requests are aborted. Requests (or adapter calls)
+        queued while it stops are not lost: a new loop starts for them."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                self._thread = None
+                return
             self._commands.put(None)
-            self._thread.join()
-        self._thread = None
+        thread.join()
+        with self._lock:
+            self._thread = None
+            left = []
+            while True:
+                try:
+                    left.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            keep = [c for c in left if isinstance(c, _Add | _Call)]  # aborts: nothing to stop
+            for command in keep:
+                self._commands.put(command)
+            if keep and self._error is None:
+                self.start()
+
+    def _send(self, command: _Add | _Call) -> None:
+        with self._lock:
+            self.start()
+            self._commands.put(command)
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -143,8 +168,7 @@ class AsyncEngine:
             asyncio.Queue(),
             lora,
         )
-        self.start()
-        self._commands.put(add)
+        self._send(add)
         return self._iterate(add)
 
     async def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
@@ -159,8 +183,7 @@ class AsyncEngine:
         if self._error is not None:
             raise TunelabError(f"the engine loop stopped after an error: {self._error}")
         call = _Call(fn, concurrent.futures.Future())
-        self.start()
-        self._commands.put(call)
+        self._send(call)
         return await asyncio.wrap_future(call.result)
 
     def abort(self, request_id: str) -> None:

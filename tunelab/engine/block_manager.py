@@ -28,6 +28,12 @@ class Block:
         self.key: BlockKey | None = None  # what the hash was made of (guards collisions)
 
 
+def kv_tokens_needed(prompt_len: int, max_tokens: int, context: int) -> int:
+    """Cache slots one sequence can fill: every token but the last sampled one (whose keys
+    and values are never computed), within the model's context."""
+    return min(prompt_len + max_tokens, context) - 1
+
+
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold ``num_tokens`` tokens."""
     return -(-num_tokens // block_size)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tunelab.engine.block_manager import BlockManager, blocks_for
+from tunelab.engine.block_manager import BlockManager, blocks_for, kv_tokens_needed
 from tunelab.engine.cpu_linear import pack_linears
 from tunelab.engine.cuda_graph import decode_graphs
 from tunelab.engine.detokenizer import TextStream
@@ -246,12 +246,12 @@ class LLMEngine:
                 f"stop token id {bad} is outside the vocabulary (0..{vocab - 1}): drop it."
             )
         bm = self.block_manager
-        per_seq = min(len(prompt_ids) + params.max_tokens, self.context)
+        per_seq = kv_tokens_needed(len(prompt_ids), params.max_tokens, self.context)
         if params.n * blocks_for(per_seq, bm.block_size) > bm.num_blocks:
             raise TunelabError(
                 f"the request needs {params.n * per_seq} tokens of KV cache (n={params.n} x "
-                f"(prompt {len(prompt_ids)} + max_tokens {params.max_tokens})) but the cache holds "
-                f"{bm.num_blocks * bm.block_size}: lower n or max_tokens, or raise "
+                f"(prompt {len(prompt_ids)} + max_tokens {params.max_tokens} - 1)) but the "
+                f"cache holds {bm.num_blocks * bm.block_size}: lower n or max_tokens, or raise "
                 "max_cache_tokens."
             )
 

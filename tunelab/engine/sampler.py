@@ -107,6 +107,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def scale(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``logits / temperature`` with each row's maximum moved to 0 first: softmax is the same,
+    and a tiny temperature (1e-40) gives -inf tails instead of an inf - inf = NaN row."""
+    return (logits - logits.max(-1, keepdim=True).values) / temperature
+
+
 def sample_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -121,7 +127,7 @@ def sample_next(
         if p.greedy:
             out.append(int(row_logits.argmax()))
             continue
-        row_logits = filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p)
+        row_logits = filter_top_k_top_p(scale(row_logits, p.temperature), p.top_k, p.top_p)
         probs = row_logits.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=generators[row])))
     return out
@@ -218,7 +224,7 @@ def sample_batch(
         idx = torch.tensor(sampled, device=logits.device)
         params = [rows[i].params for i in sampled]
         temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        probs = _filter_rows(logits[idx] / temps[:, None], params).softmax(-1)
+        probs = _filter_rows(scale(logits[idx], temps[:, None]), params).softmax(-1)
         q = torch.empty_like(probs)
         for j, i in enumerate(sampled):
             q[j].exponential_(generator=rows[i].generator)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.engine.block_manager import blocks_for
+from tunelab.engine.block_manager import blocks_for, kv_tokens_needed
 from tunelab.engine.prompts import encode_chat, encode_prompt
 from tunelab.engine.sampler import SamplingParams
 from tunelab.errors import TunelabError
@@ -91,12 +91,13 @@ def check_prompts(
             "max_tokens" if longest < context else "prompt",
             "context_length_exceeded",
         )
-    need = n * blocks_for(longest + max_tokens, bm.block_size) * bm.block_size
+    need = n * blocks_for(kv_tokens_needed(longest, max_tokens, context), bm.block_size)
+    need *= bm.block_size
     if need > bm.num_blocks * bm.block_size:
         raise APIError(
             400,
             f"the request needs {need} tokens of KV cache (n={n} x (prompt {longest} + "
-            f"max_tokens {max_tokens})) but the server's cache holds "
+            f"max_tokens {max_tokens} - 1)) but the server's cache holds "
             f"{bm.num_blocks * bm.block_size}: lower n or max_tokens.",
             "max_tokens",
         )
