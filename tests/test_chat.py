@@ -174,3 +174,23 @@ def test_stream_equals_non_streamed(generator, messages, max_tokens):
     streamed = "".join(generator.stream(generator.encode_chat(messages), params))
     assert streamed == generator.chat(messages, params)
     assert streamed  # the random model says something, so the comparison means something
+
+
+def test_a_command_with_an_argument_it_does_not_take_says_so(generator, sent):
+    out, _ = chat(generator, "/reset extra\n")
+    assert f"/reset takes no argument. {HELP}\n" in out and sent == []
+
+
+def test_ctrl_c_during_an_answer_stops_the_answer_not_the_chat(generator, sent, monkeypatch):
+    original = generator.stream
+
+    def interrupted(ids, params):
+        for i, delta in enumerate(original(ids, params)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield delta
+
+    monkeypatch.setattr(generator, "stream", interrupted)
+    out, _ = chat(generator, "hello\nagain\n")
+    assert out.count(" [stopped]") == 2 and out.count(PROMPT) == 3
+    assert len(sent) == 2 and sent[1][:2][0] == user("hello")  # the partial answer is kept

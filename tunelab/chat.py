@@ -1,7 +1,9 @@
 """Interactive chat REPL (``tunelab chat``): ``You >>`` prompt, streamed answers, history.
 
 Commands: ``/reset`` clears the history, ``/system TEXT`` sets the system prompt (and resets),
-``/exit`` (or EOF) quits. Works the same when stdin is a pipe, so it can be scripted.
+``/exit`` (or EOF) quits. Ctrl-C during an answer stops that answer (the partial one is kept
+in the history); at the prompt it quits. Works the same when stdin is a pipe, so it can be
+scripted.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def run_chat(
             continue
         if text in ("/exit", "/quit"):
             return
+        if text.split()[0] in ("/reset", "/exit", "/quit") and len(text.split()) > 1:
+            stdout.write(f"{text.split()[0]} takes no argument. {HELP}\n")
+            continue
         if text == "/reset":
             session.reset()
             stdout.write("(history cleared; the system prompt stays)\n")
@@ -79,5 +84,7 @@ def run_chat(
         except TunelabError as e:  # e.g. the history outgrew the context: keep the session
             stdout.write(f"\nerror: {e} (/reset clears the history)\n")
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            stdout.write(" [stopped]")
         stdout.write("\n")
         session.record(text, "".join(answer))

@@ -196,7 +196,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         help="0 = greedy; higher = more random (default: 0.7)",
     )
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
+    g.add_argument(
+        "--top-k", type=int, default=0, help="keep the k likeliest tokens (default: 0 = off)"
+    )
     g.add_argument(
         "--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)"
     )
@@ -252,7 +254,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
-        description="Fine-tune, export, serve and evaluate open LLMs on CUDA, Ascend NPU or CPU.",
+        description="Fine-tune, export and serve open LLMs on CUDA, Ascend NPU or CPU.",
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

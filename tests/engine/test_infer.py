@@ -49,7 +49,7 @@ def test_infer_rejects_bad_adapters_and_bad_lines(make_tiny_model, tmp_path):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"id": 1, "prompt": "x"}])
     model = str(make_tiny_model("llama"))
-    with pytest.raises(TunelabError, match=r"adapter 'adapter' \(some/adapter\).*not a PEFT"):
+    with pytest.raises(TunelabError, match=r"adapter 'adapter' \(some/adapter\).*does not exist"):
         run_infer(model, src, tmp_path / "o.jsonl", PARAMS, "cpu", adapter="some/adapter")
     for bad, message in [
         ({"prompt": "x"}, 'needs an "id"'),

@@ -16,7 +16,7 @@ from tunelab.serve.k8s import write_k8s
 
 def test_bad_adapter_fails_before_the_model_loads(capsys):
     assert main(["serve", "--model", "default", "--adapter", "a=/x"]) == 2
-    assert "--adapter a=/x: /x is not a PEFT adapter" in capsys.readouterr().err
+    assert "--adapter a=/x: adapter directory /x does not exist" in capsys.readouterr().err
 
 
 def test_serve_refuses_an_address_it_cannot_listen_on_before_the_model_loads(capsys):

@@ -34,7 +34,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--max-cache-tokens",
         type=int,
         default=None,
-        help="KV-cache size cap in tokens (default: from free memory on accelerators)",
+        help="KV-cache size cap in tokens (default: from free memory on GPUs/NPUs, 16384 on CPU)",
     )
     g.add_argument(
         "--memory-fraction",

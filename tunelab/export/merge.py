@@ -253,7 +253,7 @@ def load_base(
 
     if allow_fallback and hf_fallback.needs_fallback(base_dir):
         device = dev.resolve_device(device or "cpu")
-        model = hf_fallback.load_hf_model(base_dir, device, torch.float32)
+        model = hf_fallback.load_hf_model(base_dir, device, torch.float32, purpose="merging")
     else:
         model = load_model(base_dir, device=device or "cpu", dtype=torch.float32)
     if info.qlora:

@@ -49,7 +49,8 @@ class QloraInfo:
         """What the adapter is merged into, for the report and manifest."""
         if not self.qlora:
             return "full-precision base"
-        return f"NF4-dequantized base (quantized from {self.base_dtype}, {self.source})"
+        dtype = str(self.base_dtype).removeprefix("torch.") if self.base_dtype else "its dtype"
+        return f"NF4-dequantized base (quantized from {dtype}, {self.source})"
 
 
 def detect_qlora(adapter_dir: Path, setting: str = "auto") -> QloraInfo:
@@ -127,7 +128,7 @@ def nf4_round_trip(model: Decoder, base_dtype: torch.dtype) -> int:
     for linear in candidate_linears(model).values():
         linear.weight.data = linear.weight.data.to(base_dtype)
     layers = nf4_view(model) if is_hf_model(model) else model  # where the layers are
-    report = quantize_base_nf4(layers, model.device)
+    report = quantize_base_nf4(layers, model.device, announce=False)  # logged below
     dequantize_nf4(layers, dtype)
     for linear in candidate_linears(model).values():  # layers NF4 skipped (size % 64 != 0)
         linear.weight.data = linear.weight.data.to(dtype)

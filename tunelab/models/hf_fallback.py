@@ -78,9 +78,12 @@ def is_hf_model(model: nn.Module) -> bool:
     return not isinstance(model, Decoder) and hasattr(model, "get_output_embeddings")
 
 
-def load_hf_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_hf_model(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, purpose: str = "training"
+) -> nn.Module:
     """``AutoModelForCausalLM`` from ``model_dir`` in ``dtype`` on ``device`` (sdpa attention
-    where the architecture has it, else eager); logs that the fallback is used."""
+    where the architecture has it, else eager); logs that the fallback is used for
+    ``purpose`` (training, merging)."""
     from transformers import AutoModelForCausalLM
 
     def load(attn: str) -> nn.Module:
@@ -100,12 +103,13 @@ def load_hf_model(model_dir: str | Path, device: torch.device, dtype: torch.dtyp
         raise TunelabError(f"transformers cannot load {model_dir}: {e}") from e
     model.to(device)
     log.warning(
-        "%s (model_type %s) is not implemented by tunelab's decoder: training through "
-        "transformers.AutoModelForCausalLM (%s attention). Not available for it: %s.",
+        "%s (model_type %s) is not implemented by tunelab's decoder: %s through "
+        "transformers.AutoModelForCausalLM (%s attention).%s",
         model_dir,
         model.config.model_type,
+        purpose,
         model.config._attn_implementation,
-        LIMITS,
+        f" Not available for it: {LIMITS}." if purpose == "training" else "",
     )
     return model.eval()
 

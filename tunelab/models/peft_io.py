@@ -125,13 +125,21 @@ def unsupported_options(raw: dict) -> list[str]:
 def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     """The ``LoraConfig`` of a PEFT adapter directory; unsupported options raise."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not Path(adapter_dir).exists():
+        raise TunelabError(f"adapter directory {adapter_dir} does not exist.")
+    if Path(adapter_dir).is_file():
+        raise TunelabError(
+            f"{adapter_dir} is a file; give the adapter's directory (the one holding "
+            f"{ADAPTER_CONFIG})."
+        )
     if not path.is_file():
         final = Path(adapter_dir) / "final"
-        hint = (
-            f"this looks like a training run: use {final}"
-            if (final / ADAPTER_CONFIG).is_file()
-            else "point to the directory written by save_adapter or peft's save_pretrained"
-        )
+        if (final / ADAPTER_CONFIG).is_file():
+            hint = f"this looks like a training run: use {final}"
+        elif (Path(adapter_dir) / "config.json").is_file():
+            hint = "it holds a whole model (a full or freeze fine-tune): pass it as --model"
+        else:
+            hint = "give the directory of a LoRA adapter (tunelab train's final/, or peft's)"
         raise TunelabError(
             f"{adapter_dir} is not a PEFT adapter: {ADAPTER_CONFIG} is missing; {hint}."
         )

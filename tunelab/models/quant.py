@@ -122,7 +122,9 @@ def _scaler_block_size(numel: int) -> int:
 
 
 @torch.no_grad()
-def quantize_base_nf4(model: Decoder, device: str | torch.device) -> QuantReport:
+def quantize_base_nf4(
+    model: Decoder, device: str | torch.device, announce: bool = True
+) -> QuantReport:
     """Store the decoder layers' linear weights in NF4 on ``device``; freeze them.
 
     Each weight is moved to ``device`` and quantized one at a time (a bf16 model on the CPU
@@ -149,12 +151,13 @@ def quantize_base_nf4(model: Decoder, device: str | torch.device) -> QuantReport
     if report.skipped:
         log.warning("kept %d layers unquantized (size not a multiple of 64)", len(report.skipped))
     model.to(device)
-    log.info(
-        "NF4: %d layers, base weights %.1f MB -> %.1f MB",
-        len(report.quantized),
-        report.bytes_before / 1e6,
-        report.bytes_after / 1e6,
-    )
+    if announce:
+        log.info(
+            "NF4: %d layers, base weights %.1f MB -> %.1f MB",
+            len(report.quantized),
+            report.bytes_before / 1e6,
+            report.bytes_after / 1e6,
+        )
     return report
 
 

@@ -45,7 +45,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="the model's name in the API (default: --model)"
     )
-    p.add_argument("--device", default=None, help="cuda, cuda:N, npu, npu:N, mps or cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N, npu, npu:N, mps or cpu (default: best available; env TUNELAB_DEVICE)",
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -301,7 +305,13 @@ def backend_env(backend: str, args: argparse.Namespace) -> dict[str, str]:
 def add_deploy_flags(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="deploy_target", metavar="TARGET")
     sub.required = True
-    k = sub.add_parser("k8s", help="Dockerfile + Deployment/Service + KServe InferenceService")
+    k = sub.add_parser(
+        "k8s",
+        help="Dockerfile + Deployment/Service + KServe InferenceService",
+        description="Write a Dockerfile that serves MODEL with `tunelab serve`, a Kubernetes "
+        "Deployment + Service and a KServe InferenceService into --out; copy the model "
+        "directory to OUT/model before `docker build` (README.txt there says how).",
+    )
     k.add_argument("--model", required=True, help="model spec or directory to serve")
     k.add_argument("--out", required=True, help="output directory")
     k.add_argument("--name", default=None, help="resource name (default: from the model)")

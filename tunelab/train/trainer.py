@@ -267,8 +267,7 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tps * fpt / peak if peak else None,
         }
-        if self.device.type != "cpu":
-            row["memory_gib"] = dev.peak_memory(self.device) / 2**30
+        row["memory_gib"] = dev.peak_memory(self.device) / 2**30  # CPU: the process's max RSS
         self.state.history = ([*self.state.history, row])[-50:]
         return row
 
