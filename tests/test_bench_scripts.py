@@ -33,7 +33,7 @@ def test_loss_memory_bench_runs_and_ours_needs_less():
 
 def test_gpu_suite_skips_what_its_budget_cannot_fit(tmp_path):
     """`suite.sh owed` on a spent budget: every step is skipped, named, and the exit is 0."""
-    env = {**os.environ, "BUDGET": "0", "OUT": str(tmp_path)}
+    env = {**os.environ, "BUDGET": "0", "OUT": str(tmp_path), "WHEELS_DIR": str(tmp_path / "no")}
     cmd = ["bash", str(ROOT / "bench" / "gpu" / "suite.sh"), "owed"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -22,9 +22,10 @@ cd "$(dirname "$0")/../.."
 stage=${1:?usage: bench/gpu/suite.sh owed|tests|engine[-1b|-8b]|train[-1b|-8b]|serve}
 OUT=${OUT:-/tmp/tunelab-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
+wheels=${WHEELS_DIR:-.whl}
+if [ -d "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site "$wheels"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
