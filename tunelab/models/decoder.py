@@ -1,7 +1,7 @@
 """The one decoder used for training, generation and serving (Llama / Mistral / Qwen2 / Qwen3).
 
 Module names mirror HF transformers (``model.layers.N.self_attn.q_proj`` ...) so checkpoints,
-PEFT adapters and exports need no renaming; see docs/decisions.md.
+PEFT adapters and exports need no renaming; see docs/architecture.md (Decisions).
 """
 
 from __future__ import annotations
