@@ -220,12 +220,12 @@ def test_missing_config(tiny, tmp_path):
 
 
 def test_an_adapter_path_that_is_not_an_adapter_says_what_it_is(tiny, tmp_path):
-    with pytest.raises(TunelabError, match="adapter directory .* does not exist"):
+    with pytest.raises(TunelabError, match=r"adapter directory .* does not exist"):
         load_adapter(ours(tiny), tmp_path / "nope")
     (tmp_path / "file.json").write_text("{}")
     with pytest.raises(TunelabError, match="is a file; give the adapter's directory"):
         load_adapter(ours(tiny), tmp_path / "file.json")
-    with pytest.raises(TunelabError, match="holds a whole model .* pass it as --model"):
+    with pytest.raises(TunelabError, match=r"holds a whole model .* pass it as --model"):
         load_adapter(ours(tiny), tiny)  # a model directory
 
 

@@ -150,7 +150,7 @@ def test_run_dir_policy(capsys, recipe, monkeypatch):
     assert "trained 2 steps" in out
     assert [r["step"] for r in read_rows(run) if "loss" in r] == [1, 2]
     out = succeeds(capsys, [str(recipe), "--train.max_steps", "2"])  # nothing left to do
-    assert "the run was already complete (2 steps" in out
+    assert "no steps left to train (2 steps done" in out
 
     # --overwrite starts afresh with the new config.
     succeeds(capsys, [str(recipe), "--train.lr", "1e-3", "--overwrite"])

@@ -165,6 +165,17 @@ def test_the_same_command_on_a_finished_run_validates_no_step_twice(make_tiny_mo
     assert [r["step"] for r in read_rows(tmp_path / "run") if "val_loss" in r] == [2, 4]
 
 
+def test_a_finished_run_whose_last_step_is_a_save_step_validates_once(make_tiny_model, tmp_path):
+    model_dir = make_tiny_model("llama")
+    train = write_chats(tmp_path / "train.jsonl", 8, seed=1)
+    val = write_chats(tmp_path / "val.jsonl", 3, seed=2)
+    cfg = tiny_config(model_dir, train, tmp_path / "run", tmp_path / "cache", data__val=val,
+                      train__max_steps=2, train__save_every=1)  # fmt: skip
+    Trainer(cfg, progress=False).run()
+    Trainer(cfg, progress=False).run()  # the same command again: nothing to do
+    assert [r["step"] for r in read_rows(tmp_path / "run") if "val_loss" in r] == [2]
+
+
 def test_resuming_an_older_checkpoint_drops_the_newer_ones(make_tiny_model, tmp_path):
     """Checkpoints past the resumed step belong to the abandoned continuation: they must not
     push the new checkpoints out under keep_last, nor be what `resume: auto` takes next."""

@@ -110,17 +110,32 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
 ) -> TrainerState:
     state = read_state(path)
-    try:
+    scaled = scaler is not None and (path / SCALER_FILE).exists()  # older ones: fresh scale
+    try:  # reading the files: what fails here is a truncated or missing file
         load_weights(path)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        if scaler is not None and (path / SCALER_FILE).exists():  # older ones: fresh scale
-            scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        saved = {
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+            "scheduler": torch.load(path / "scheduler.pt", weights_only=False),
+            "rng": torch.load(path / "rng.pt", weights_only=False),
+        }
+        if scaled:
+            saved["scaler"] = torch.load(path / SCALER_FILE, weights_only=True)
     except TunelabError:
         raise
-    except Exception as e:  # a truncated or missing file: say which checkpoint, and what to do
+    except Exception as e:
         raise damaged(path, e) from e
+    try:  # applying them: what fails here is a checkpoint of another model or setting
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaled:
+            scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise TunelabError(
+            f"checkpoint {path} does not fit this run ({type(e).__name__}: {str(e)[:120]}): "
+            "it was made with another model or other settings; pass --overwrite to start "
+            "afresh, or another --output_dir."
+        ) from e
     return TrainerState(**state)
 
 

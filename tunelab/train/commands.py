@@ -27,7 +27,7 @@ def run_train(
         return 128 + (result.stop_signal or 2)  # the shell's code for that signal
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     if result.steps_run == 0:
-        done = f"the run was already complete ({result.state.step} steps{val})"
+        done = f"no steps left to train ({result.state.step} steps done{val})"
     else:
         done = f"trained {result.state.step} steps{val}"
     out.write(f"{done}; output in {result.final_dir}\n")

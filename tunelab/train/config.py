@@ -8,14 +8,12 @@ model loads (unsupported combinations, missing files, a foreign run dir) live in
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tunelab.config import from_dict, load_yaml, merge, parse_overrides
-from tunelab.data.config import DataConfig, DataSource, check_data_config, paths_relative_to
+from tunelab.data.config import DataConfig, check_data_config, paths_relative_to
 from tunelab.errors import TunelabError
 from tunelab.models.lora import LoraConfig
 
@@ -74,29 +72,8 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
         if isinstance(raw.get("data"), dict):
             raw["data"] = paths_relative_to(raw["data"], Path(path).parent)
     cfg = from_dict(TrainConfig, merge(raw, parse_overrides(overrides)))
-    _make_paths_absolute(cfg)
     validate(cfg)
     return cfg
-
-
-def _make_paths_absolute(cfg: TrainConfig) -> None:
-    """Data paths (and a local model path) as absolute paths: the run dir's config.yaml then
-    names the same files from any working directory, so a resume from elsewhere matches."""
-
-    def absolute(path: str) -> str:
-        return os.path.abspath(Path(path).expanduser())
-
-    def fix(item):
-        if isinstance(item, list):
-            return [fix(i) for i in item]
-        if isinstance(item, DataSource):
-            return dataclasses.replace(item, path=absolute(item.path))
-        return absolute(item) if isinstance(item, str) else item
-
-    cfg.data.train = fix(cfg.data.train)
-    cfg.data.val = fix(cfg.data.val)
-    if cfg.model != "default" and Path(cfg.model).expanduser().exists():
-        cfg.model = absolute(cfg.model)
 
 
 def validate(cfg: TrainConfig) -> None:

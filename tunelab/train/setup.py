@@ -81,10 +81,10 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
         raise TunelabError(f"output_dir {run_dir} is a file; choose a directory path.")
     explicit = cfg.resume not in ("auto", "never")
     if explicit:
-        ckpt = Path(cfg.resume)
+        ckpt = Path(cfg.resume).absolute()  # its run dir is two levels up
         if not (ckpt / "trainer_state.json").exists():
             raise TunelabError(
-                f"--resume {ckpt}: not a checkpoint directory (no trainer_state.json)."
+                f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json)."
             )
         source = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/step-N
         diff = _differences(source, cfg) if source.exists() else []
@@ -127,19 +127,35 @@ def _differences(saved_config: Path, cfg: TrainConfig) -> list[str]:
     return config_differences(yaml.safe_load(saved_config.read_text()) or {}, to_dict(cfg))
 
 
+# Compared by content, not by how the path is spelled: the checkpoint records the tokenized
+# data's fingerprint (Trainer refuses a resume onto other data), so a project moved or run
+# from another working directory still resumes.
+DATA_PATHS = {"data.train", "data.val"}
+
+
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ, ignoring those that may change on resume."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         name = prefix + key
-        if name in RESUMABLE_CHANGES:
+        if name in RESUMABLE_CHANGES or name in DATA_PATHS:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, name + ".")
-        elif a != b:
+        elif a != b and not (name == "model" and _same_local_model(a, b)):
             diffs.append(name)
     return diffs
+
+
+def _same_local_model(old: object, new: object) -> bool:
+    """The same model directory spelled another way: one path (relative to another working
+    directory) or a moved project's (the old path is gone, the folder name is the same)."""
+    if not isinstance(old, str) or not isinstance(new, str) or not Path(new).exists():
+        return False
+    if Path(old).exists():
+        return os.path.samefile(old, new)
+    return Path(old).name == Path(new).name
 
 
 def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, precision: Precision):

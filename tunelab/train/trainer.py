@@ -142,7 +142,9 @@ class Trainer:
                         metrics.log(row)
                     if t.eval_every and step % t.eval_every == 0:
                         val_loss = self._validate(metrics)
-                    if t.save_every and step % t.save_every == 0:
+                    # The last step saves after the final validation, so that the
+                    # checkpoint records it (a re-run must not validate it again).
+                    if t.save_every and step % t.save_every == 0 and step < self.total_steps:
                         self._save_checkpoint()
                         saved_at = step
                 if self._stop_signal is None and self.state.validated_at != self.state.step:
