@@ -251,7 +251,7 @@ def test_a_tiny_positive_temperature_samples_the_best_token_not_nan():
     torch.manual_seed(0)
     logits = torch.randn(2, 50) * 10
     best = logits.argmax(-1).tolist()
-    params = [SamplingParams(temperature=1e-40, seed=i) for i in range(2)]
+    params = [SamplingParams(temperature=t, seed=i) for i, t in enumerate((1e-40, 1e-300))]
     rows = [SampleInput(p, [], 0, p.make_generator(torch.device("cpu"))) for p in params]
     assert sample_batch(logits, rows)[0] == best
     gens = [p.make_generator(torch.device("cpu")) for p in params]

@@ -33,7 +33,7 @@ class atomic_directory:  # lower-case: reads like a function in `with atomic_dir
             return
         # mkdtemp makes the dir private and some writers (safetensors) their files 0600:
         # the result gets the modes a plain write would have (umask applied).
-        mask = _umask()
+        mask = _UMASK
         for f in self.tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -59,6 +59,10 @@ def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it
     os.umask(mask)
     return mask
+
+
+# Read once at import: reading it means setting it, which would race other threads' writes.
+_UMASK = _umask()
 
 
 def _fsync_dir(path: Path) -> None:

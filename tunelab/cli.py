@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelab.serve.commands import add_deploy_flags, add_serve_flags
 
     add_serve_flags(parsers["serve"])
-    add_deploy_flags(parsers["deploy"])
+    parser.deploy_parsers = add_deploy_flags(parsers["deploy"], common)
     return parser
 
 
@@ -384,6 +384,8 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -
     verb_parser = parser.verb_parsers[args.verb]
     if args.verb == "data" and getattr(args, "data_verb", None):
         verb_parser = parser.data_parsers[args.data_verb]
+    if args.verb == "deploy" and getattr(args, "deploy_target", None):
+        verb_parser = parser.deploy_parsers[args.deploy_target]
     known = [o for action in verb_parser._actions for o in action.option_strings]
     flag = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), None)
     close = difflib.get_close_matches(flag, known, n=1) if flag else []
@@ -394,7 +396,9 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args, unknown: list[str]) -
 def _user_error(e: BaseException) -> str:
     """One line for the OS-level mistakes a user makes (a bad path, undecodable input)."""
     if isinstance(e, UnicodeDecodeError):
-        return f"input is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8."
+        byte = e.object[e.start] if e.start < len(e.object) else None
+        what = f"a byte 0x{byte:02x} that" if byte is not None else "a truncated character that"
+        return f"an input file holds {what} is not UTF-8 text; convert the file to UTF-8."
     assert isinstance(e, OSError)
     where = f": {e.filename}" if e.filename else ""
     if isinstance(e, IsADirectoryError):

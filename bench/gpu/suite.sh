@@ -36,7 +36,7 @@ log="$OUT/$stage.log"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
 status=0
-deadline=$((SECONDS + ${BUDGET:-540}))
+deadline=${BUDGET:-540}  # seconds since the script started (SECONDS): the install counts too
 run() {
   local left=$((deadline - SECONDS)) limit=${STEP_TIMEOUT:-540}
   if [ "$left" -lt 20 ]; then echo "- skipped (out of BUDGET): $*" | tee -a "$log"; return; fi

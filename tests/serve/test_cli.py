@@ -34,6 +34,15 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_the_model_loads(cap
     assert "--max-queue must be >= 0" in capsys.readouterr().err
 
 
+def test_deploy_takes_hub_specs_and_debug_after_the_target(tmp_path, capsys):
+    out = tmp_path / "k8s"
+    assert main(["deploy", "k8s", "--model", "hf://org/name", "--out", str(out), "--debug"]) == 0
+    assert (out / "Dockerfile").is_file()
+    with pytest.raises(SystemExit):
+        main(["deploy", "k8s", "--model", "org/name", "--out", str(out), "--imgae", "x"])
+    assert "tunelab deploy k8s: error" in capsys.readouterr().err
+
+
 def test_deploy_refuses_bad_numbers_and_a_missing_model(tmp_path, capsys):
     base = ["deploy", "k8s", "--out", str(tmp_path / "k8s")]
     assert main([*base, "--model", "org/name", "--gpus", "-1"]) == 2

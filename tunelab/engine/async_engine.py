@@ -76,6 +76,7 @@ class AsyncEngine:
         # Held while a command is queued and while shutdown() decides what is left, so that
         # a request added during a shutdown is run by a new loop instead of being lost.
         self._lock = threading.Lock()
+        self._stopping = False  # shutdown() is waiting for the loop: start() must not race it
         self._error: BaseException | None = None
         self._failed_steps = 0  # consecutive steps that raised
 
@@ -98,6 +99,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         """Start the step loop (``add_request`` starts it too)."""
+        if self._stopping:  # shutdown() restarts the loop itself if commands are left
+            return
         if self._thread is None or not self._thread.is_alive():
             # OpenMP thread counts are per thread: give the loop the caller's setting.
             threads = torch.get_num_threads()
@@ -115,9 +118,10 @@ class AsyncEngine:
                 self._thread = None
                 return
             self._commands.put(None)
+            self._stopping = True
         thread.join()
         with self._lock:
-            self._thread = None
+            self._thread, self._stopping = None, False
             left = []
             while True:
                 try:

@@ -15,6 +15,8 @@ import torch
 
 from tunelab.errors import TunelabError
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
 
 @dataclass
 class SamplingParams:
@@ -69,7 +71,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below 1e-5 sampling is greedy in all but ties (and 1e-46 is 0 in fp32: 0 / 0).
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def make_generator(self, device: torch.device, offset: int = 0) -> torch.Generator | None:
         """A generator seeded with ``seed + offset`` (offset = sample index), None unseeded."""

@@ -104,12 +104,13 @@ def check_listen(host: str, port: int) -> None:
 
     if not 0 <= port <= 65535:
         raise TunelabError(f"--port {port} is not a port number (0..65535).")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            sock.bind(address)
+    try:  # every address the host resolves to, as the server's bind will try them all
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        ):
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+                sock.bind(address)
     except OSError as e:
         why = e.strerror or str(e)
         raise TunelabError(
@@ -302,11 +303,16 @@ def backend_env(backend: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def add_deploy_flags(p: argparse.ArgumentParser) -> None:
+def add_deploy_flags(
+    p: argparse.ArgumentParser, common: argparse.ArgumentParser
+) -> dict[str, argparse.ArgumentParser]:
+    """``deploy k8s`` flags; ``common`` holds --debug / -q (accepted after the target too).
+    Returns the target parsers (for error messages in the target's own usage)."""
     sub = p.add_subparsers(dest="deploy_target", metavar="TARGET")
     sub.required = True
     k = sub.add_parser(
         "k8s",
+        parents=[common],
         help="Dockerfile + Deployment/Service + KServe InferenceService",
         description="Write a Dockerfile that serves MODEL with `tunelab serve`, a Kubernetes "
         "Deployment + Service and a KServe InferenceService into --out; copy the model "
@@ -322,6 +328,7 @@ def add_deploy_flags(p: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="the model's name in the API (default: --name)"
     )
     k.add_argument("--overwrite", action="store_true", help="replace files in --out")
+    return sub.choices
 
 
 def run_deploy(args: argparse.Namespace) -> int:
@@ -333,7 +340,8 @@ def run_deploy(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise TunelabError(f"--port {args.port} is not a port number (1..65535).")
     model = str(args.model)
-    if model != "default" and looks_like_path(model) and not Path(model).expanduser().exists():
+    local = model != "default" and "://" not in model and looks_like_path(model)
+    if local and not Path(model).expanduser().exists():
         raise TunelabError(f"--model {model} does not exist; give a model directory or hub id.")
 
     for path in write_k8s(
