@@ -11,11 +11,13 @@ import torch
 
 # Dense bf16/fp16 tensor-core peak FLOP/s.
 PEAK_FLOPS = {
+    "GH200": 989e12,  # Grace Hopper: the H100's tensor cores
     "H200NVL": 835e12,
     "H200": 989e12,
     "H100PCIe": 756e12,
     "H100NVL": 835e12,
     "H100": 989e12,
+    "H800PCIe": 756e12,
     "H800": 989e12,
     "A100": 312e12,
     "A800": 312e12,
@@ -26,11 +28,13 @@ PEAK_FLOPS = {
 }
 
 # Peak memory bandwidth, bytes/s.
-PEAK_BANDWIDTH = {
+PEAK_BANDWIDTH: dict[str, float | None] = {
+    "GH200": None,  # 4.0 or 4.9 TB/s by memory version: pass --peak-bandwidth
     "H200": 4.8e12,  # SXM and NVL
     "H100PCIe": 2.0e12,
     "H100NVL": 3.9e12,
     "H100": 3.35e12,  # SXM (HBM3)
+    "H800PCIe": 2.0e12,
     "H800": 3.35e12,
     "A10080GBPCIe": 1.935e12,
     "A100-SXM4-80GB": 2.039e12,
@@ -40,7 +44,7 @@ PEAK_BANDWIDTH = {
 }
 
 
-def _lookup(table: dict[str, float], device_name: str) -> float | None:
+def _lookup(table: dict[str, float | None], device_name: str) -> float | None:
     compact = device_name.replace(" ", "").lower()
     return next((v for k, v in table.items() if k.lower() in compact), None)
 

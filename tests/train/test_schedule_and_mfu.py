@@ -52,6 +52,8 @@ def test_peak_bandwidth_by_part():
     assert peak_bandwidth("NVIDIA A100 80GB PCIe") == 1.935e12
     assert peak_bandwidth("NVIDIA A100-SXM4-40GB") == 1.555e12
     assert peak_bandwidth("cpu") is None
+    assert peak_bandwidth("NVIDIA GH200 480GB") is None  # not read as an H200
+    assert peak_bandwidth("NVIDIA H800 PCIe") == 2.0e12
 
 
 @pytest.mark.parametrize(("method", "extra"), [("full", {}), ("lora", {}),

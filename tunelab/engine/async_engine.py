@@ -128,10 +128,12 @@ class AsyncEngine:
                     left.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-            keep = [c for c in left if isinstance(c, _Add | _Call)]  # aborts: nothing to stop
-            for command in keep:
-                self._commands.put(command)
-            if keep and self._error is None:
+            # Requests and calls queued behind the stop run on a new loop (with the aborts
+            # of those whose consumer has left since); without any, the loop stays down.
+            if any(isinstance(c, _Add | _Call) for c in left) and self._error is None:
+                for command in left:
+                    if command is not None:
+                        self._commands.put(command)
                 self.start()
 
     def _send(self, command: _Add | _Call) -> None:

@@ -202,12 +202,13 @@ def finished_ids(path: Path) -> set[str]:
             os.fsync(f.fileno())
         data = data[:keep]
     ids, kept, failed = set(), [], 0
-    # split("\n"), not splitlines(): outputs may hold U+2028 / U+0085, which it splits on too
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
-        if not line.strip():
+    # Split the bytes on b"\n" (not splitlines(): outputs may hold U+2028 / U+0085), and keep
+    # the kept lines' bytes as they are when the failed ones are dropped.
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            result = json.loads(line)
+            result = json.loads(raw.decode("utf-8", errors="replace"))
             record_id = str(result["id"])
         except (json.JSONDecodeError, TypeError, KeyError):
             raise TunelabError(
@@ -218,18 +219,18 @@ def finished_ids(path: Path) -> set[str]:
             failed += 1
             continue
         ids.add(record_id)
-        kept.append(line + "\n")
+        kept.append(raw + b"\n")
     if failed:
         log.info("retrying %d failed request(s) from %s", failed, path)
-        _rewrite(path, "".join(kept))
+        _rewrite(path, b"".join(kept))
     return ids
 
 
-def _rewrite(path: Path, text: str) -> None:
+def _rewrite(path: Path, data: bytes) -> None:
     """Replace ``path``'s content atomically (a temp sibling, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
