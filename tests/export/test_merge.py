@@ -166,9 +166,24 @@ def test_detect_qlora(adapter, tmp_path):
     config = json.loads((marked / "adapter_config.json").read_text())
     config["tunelab"] = {"method": "qlora", "base_dtype": "float16"}
     (marked / "adapter_config.json").write_text(json.dumps(config))
-    info = detect_qlora(marked)
+    info = detect_qlora(marked)  # the marker inside adapter_config.json (older adapters)
     assert (info.qlora, info.base_dtype) == (True, torch.float16)
     assert detect_qlora(adapter, "yes").qlora
+
+
+def test_peft_export_keeps_the_qlora_marker_as_a_side_file(base, adapter, tmp_path):
+    """peft warns about unknown adapter_config.json keys: the marker travels beside it."""
+    from tunelab.export.peft import export_peft
+
+    marked = tmp_path / "marked"
+    shutil.copytree(adapter, marked)
+    config = json.loads((marked / "adapter_config.json").read_text())
+    config["tunelab"] = {"method": "qlora", "base_dtype": "float16"}
+    (marked / "adapter_config.json").write_text(json.dumps(config))
+    out = export_peft(str(base), marked, tmp_path / "exported")
+    assert "tunelab" not in json.loads((out / "adapter_config.json").read_text())
+    info = detect_qlora(out)
+    assert (info.qlora, info.base_dtype) == (True, torch.float16)
 
 
 # ---- atomicity and bad input ------------------------------------------------------------

@@ -283,8 +283,9 @@ def test_qlora_trains_on_the_nf4_base(tiny_hf, chats, tmp_path):
     result = trainer.run()
     losses = list(train_losses(result.run_dir).values())
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    marker = json.loads((result.final_dir / "adapter_config.json").read_text())["tunelab"]
+    marker = json.loads((result.final_dir / "tunelab_adapter.json").read_text())
     assert marker["method"] == "qlora"
+    assert "tunelab" not in json.loads((result.final_dir / "adapter_config.json").read_text())
 
 
 def test_bad_combinations_are_clear_errors(tiny_hf, chats, tmp_path, tiny_tokenizer):

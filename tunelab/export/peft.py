@@ -9,6 +9,7 @@ its shapes are needed, so this costs no memory whatever the model's size.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,7 +55,13 @@ def export_peft(
         module.lora_B.weight = nn.Parameter(stored[(name, "B")], requires_grad=False)
     tokenizer = adapter_tokenizer(adapter_dir, base_dir)
     base_name = peft_base_name(model, base_dir)
+    from tunelab.export.qlora import MARKER_FILE, MARKER_KEY, read_marker
+
+    marker = read_marker(adapter_dir)  # a QLoRA adapter stays one (as the side file)
+    cfg.extra.pop(MARKER_KEY, None)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_adapter(decoder, cfg, tmp, base_name)
         tokenizer.save_pretrained(str(tmp))
+        if marker is not None:
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     return out

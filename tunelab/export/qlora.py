@@ -9,7 +9,10 @@ depend on that dtype (bf16 and fp32 copies of a weight round to different codes)
 care to find it.
 
 Detection, first match wins:
-  1. ``adapter_config.json`` holds ``"tunelab": {"method": "qlora", "base_dtype": "bfloat16"}``;
+  1. the adapter's ``tunelab_adapter.json`` holds ``{"method": "qlora", "base_dtype":
+     "bfloat16"}`` (a side file: peft warns about keys it does not know in
+     ``adapter_config.json``, where adapters trained before it carry the same under
+     ``"tunelab"``);
   2. a tunelab run's ``config.yaml`` one or two levels up (``RUN/final``,
      ``RUN/checkpoints/step-N``) says ``method: qlora``; the base dtype is its
      ``train.precision`` (``auto``: fp32 when the run's device was the CPU, else bf16);
@@ -32,7 +35,8 @@ from tunelab.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
-MARKER_KEY = "tunelab"
+MARKER_FILE = "tunelab_adapter.json"
+MARKER_KEY = "tunelab"  # the same marker inside adapter_config.json (older adapters)
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,18 +71,36 @@ def detect_qlora(adapter_dir: Path, setting: str = "auto") -> QloraInfo:
     return QloraInfo(False, None, "no QLoRA marker found")
 
 
+def read_marker(adapter_dir: Path) -> dict | None:
+    """The adapter's tunelab marker (``{"method", "base_dtype"}``), from the side file or,
+    for older adapters, from ``adapter_config.json``; None when there is none."""
+    for path, key in ((adapter_dir / MARKER_FILE, None), (adapter_dir / "adapter_config.json",
+                                                          MARKER_KEY)):  # fmt: skip
+        try:
+            data = json.loads(path.read_text())
+            marker = data if key is None else data.get(key)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # read_adapter_config reports a broken config with a better message
+        if isinstance(marker, dict) and "method" in marker:
+            return marker
+    return None
+
+
+def write_marker(adapter_dir: Path, base_dtype: torch.dtype) -> None:
+    """Mark the adapter in ``adapter_dir`` as trained on an NF4 base quantized from
+    ``base_dtype``."""
+    marker = {"method": "qlora", "base_dtype": str(base_dtype).removeprefix("torch.")}
+    (adapter_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+
+
 def _from_marker(adapter_dir: Path) -> QloraInfo | None:
-    path = adapter_dir / "adapter_config.json"
-    try:
-        marker = json.loads(path.read_text()).get(MARKER_KEY) or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None  # read_adapter_config reports a broken config with a better message
-    if not isinstance(marker, dict) or "method" not in marker:
+    marker = read_marker(adapter_dir)
+    if marker is None:
         return None
     if marker["method"] != "qlora":
-        return QloraInfo(False, None, "adapter_config.json marker")
+        return QloraInfo(False, None, "tunelab marker")
     dtype = _DTYPES.get(str(marker.get("base_dtype")), torch.bfloat16)
-    return QloraInfo(True, dtype, "adapter_config.json marker")
+    return QloraInfo(True, dtype, "tunelab marker")
 
 
 def _from_run_config(adapter_dir: Path) -> QloraInfo | None:

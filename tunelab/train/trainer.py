@@ -9,7 +9,6 @@ resumes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import shutil
@@ -309,13 +308,12 @@ class Trainer:
             from tunelab.hub import peft_base_name
             from tunelab.models.peft_io import write_adapter
 
-            lora = self.cfg.lora
-            if self.cfg.method == "qlora":  # merge must rebuild the same NF4-rounded base
-                base = str(self.precision.base_dtype).removeprefix("torch.")
-                marker = {"tunelab": {"method": "qlora", "base_dtype": base}}
-                lora = dataclasses.replace(lora, extra={**lora.extra, **marker})
             base_name = peft_base_name(self.cfg.model, self.model_dir)
-            write_adapter(self.model, lora, directory, base_name)
+            write_adapter(self.model, self.cfg.lora, directory, base_name)
+            if self.cfg.method == "qlora":  # merge must rebuild the same NF4-rounded base
+                from tunelab.export.qlora import write_marker
+
+                write_marker(directory, self.precision.base_dtype)
         self.tokenizer.save_pretrained(str(directory))  # the template travels with the weights
 
     def _load_weights(self, directory: Path) -> None:
