@@ -223,7 +223,7 @@ def test_a_resume_onto_changed_data_is_refused(make_tiny_model, tmp_path):
 
     Trainer(config(2), progress=False).run()
     write_chats(train, 8, seed=2)  # the file is edited between the runs
-    with pytest.raises(TunelabError, match="training data changed since the checkpoint"):
+    with pytest.raises(TunelabError, match="the data changed since the checkpoint"):
         Trainer(config(3), progress=False)
     write_chats(train, 8, seed=1)  # restored: the run goes on
     assert Trainer(config(3), progress=False).run().state.step == 3

@@ -176,9 +176,9 @@ class Trainer:
         saved = ckpt.read_state(self.resume_from)
         if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
             raise TunelabError(
-                f"the training data changed since the checkpoint {self.resume_from} (its "
-                "files or their tokenization differ), so the run cannot continue exactly: "
-                "restore the data, or pass --overwrite to start afresh."
+                f"the data changed since the checkpoint {self.resume_from} (the train or val "
+                "files, or their tokenization), so the run cannot continue exactly: restore "
+                "the data, or pass --overwrite to start afresh."
             )
         done = saved.get("step", 0)
         if done > self.total_steps:
