@@ -65,7 +65,10 @@ def read_adapter(
     path = Path(path)
     try:
         cfg = read_adapter_config(path)
-        targets = select_targets(model, cfg.targets)
+        try:
+            targets = select_targets(model, cfg.targets)
+        except TunelabError as e:  # its layers are not this model's
+            raise TunelabError(f"{e} Was the adapter trained on another base model?") from None
         raw = read_adapter_weights(path)
     except TunelabError as e:
         raise TunelabError(f"{where}: {e}") from None

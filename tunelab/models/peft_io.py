@@ -200,7 +200,10 @@ def load_adapter(model: Decoder, adapter_dir: str | Path) -> LoraConfig:
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
-    targets = select_targets(model, cfg.targets)
+    try:
+        targets = select_targets(model, cfg.targets)
+    except TunelabError as e:  # its layers are not this model's
+        raise TunelabError(f"{e} Was the adapter trained on another base model?") from None
     linears = candidate_linears(model)
     weights = {}
     for key, tensor in read_adapter_weights(adapter_dir).items():
