@@ -130,11 +130,20 @@ class AsyncEngine:
                     break
             # Requests and calls queued behind the stop run on a new loop (with the aborts
             # of those whose consumer has left since); without any, the loop stays down.
-            if any(isinstance(c, _Add | _Call) for c in left) and self._error is None:
+            if not any(isinstance(c, _Add | _Call) for c in left):
+                return
+            if self._error is not None:  # the loop died: answer them rather than hang
+                error = TunelabError(f"the engine loop stopped after an error: {self._error}")
                 for command in left:
-                    if command is not None:
-                        self._commands.put(command)
-                self.start()
+                    if isinstance(command, _Call):
+                        command.result.set_exception(error)
+                    elif isinstance(command, _Add):
+                        self._notify(command, error)
+                return
+            for command in left:
+                if command is not None:
+                    self._commands.put(command)
+            self.start()
 
     def _send(self, command: _Add | _Call) -> None:
         with self._lock:
