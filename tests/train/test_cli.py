@@ -167,6 +167,34 @@ def test_the_same_recipe_resumes_from_another_working_directory(capsys, recipe, 
     assert "trained 2 steps" in succeeds(capsys, ["recipe.yaml", "--train.max_steps", "2"])
 
 
+def test_data_paths_are_compared_when_the_checkpoint_has_no_fingerprint(capsys, recipe):
+    """Checkpoints written before data fingerprints: the path decides, as it did then."""
+    import json
+
+    succeeds(capsys, [str(recipe)])
+    state_file = recipe.parent / "run" / "checkpoints" / "step-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["data_fingerprint"]
+    state_file.write_text(json.dumps(state))
+    other = write_chats(recipe.parent / "other.jsonl", 8, seed=5)
+    line = fails(capsys, [str(recipe), "--data.train", str(other), "--train.max_steps", "2"])
+    assert "holds another run" in line and "data.train" in line
+
+
+def test_a_model_is_the_same_only_as_the_same_directory(tmp_path):
+    from tunelab.train.setup import config_differences
+
+    (tmp_path / "a" / "final").mkdir(parents=True)
+    (tmp_path / "b" / "final").mkdir(parents=True)
+    same = str(tmp_path / "a" / ".." / "a" / "final")
+    assert config_differences({"model": str(tmp_path / "a/final")}, {"model": same}) == []
+    assert config_differences({"model": str(tmp_path / "a/final")},
+                              {"model": str(tmp_path / "b/final")}) == ["model"]  # fmt: skip
+    assert config_differences({"model": "gone/final"}, {"model": str(tmp_path / "b/final")}) == [
+        "model"
+    ]
+
+
 def test_an_explicit_resume_checks_the_checkpoint_run_and_the_output_dir(
     capsys, recipe, monkeypatch
 ):

@@ -119,9 +119,16 @@ class AsyncEngine:
                 return
             self._commands.put(None)
             self._stopping = True
-        thread.join()
+        try:
+            thread.join()
+        finally:  # (a Ctrl-C during the join must not leave start() disabled)
+            with self._lock:
+                mine = self._thread is thread  # a concurrent shutdown() may have gone first
+                if mine:
+                    self._thread, self._stopping = None, False
+        if not mine:
+            return
         with self._lock:
-            self._thread, self._stopping = None, False
             left = []
             while True:
                 try:

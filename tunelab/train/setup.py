@@ -87,7 +87,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
                 f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json)."
             )
         source = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/step-N
-        diff = _differences(source, cfg) if source.exists() else []
+        diff = _differences(source, cfg, ckpt) if source.exists() else []
         if diff:
             raise TunelabError(
                 f"--resume {ckpt}: that checkpoint's run has another config (it differs in "
@@ -104,7 +104,8 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
         )
     if cfg.overwrite and not explicit:  # Trainer.run empties it, after every check has passed
         return run_dir, None
-    diff = _differences(saved, cfg)
+    latest = list_checkpoints(run_dir)
+    diff = _differences(saved, cfg, ckpt if explicit else (latest[-1] if latest else None))
     if explicit:
         if diff:
             raise TunelabError(
@@ -119,43 +120,51 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
             f"output_dir {run_dir} holds another run ({why}); pass --overwrite to replace it "
             "or choose another --output_dir."
         )
-    checkpoints = list_checkpoints(run_dir)
-    return run_dir, (checkpoints[-1] if checkpoints else None)
+    return run_dir, (latest[-1] if latest else None)
 
 
-def _differences(saved_config: Path, cfg: TrainConfig) -> list[str]:
-    return config_differences(yaml.safe_load(saved_config.read_text()) or {}, to_dict(cfg))
+def _differences(saved_config: Path, cfg: TrainConfig, checkpoint: Path | None) -> list[str]:
+    """How ``cfg`` differs from a run's saved config, for resuming ``checkpoint``."""
+    from tunelab.train.checkpoint import read_state
+
+    by_content = checkpoint is not None and bool(read_state(checkpoint).get("data_fingerprint"))
+    old = yaml.safe_load(saved_config.read_text()) or {}
+    return config_differences(old, to_dict(cfg), data_by_content=by_content)
 
 
-# Compared by content, not by how the path is spelled: the checkpoint records the tokenized
-# data's fingerprint (Trainer refuses a resume onto other data), so a project moved or run
-# from another working directory still resumes.
+# Compared by content, not by how the path is spelled, when the checkpoint to resume records
+# the tokenized data's fingerprint (Trainer refuses a resume onto other data): a project moved
+# or run from another working directory still resumes. Without one (no checkpoint yet, or
+# one written before fingerprints), the paths are compared as written.
 DATA_PATHS = {"data.train", "data.val"}
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, ignoring those that may change on resume."""
+def config_differences(
+    old: dict, new: dict, prefix: str = "", data_by_content: bool = False
+) -> list[str]:
+    """Dotted keys whose values differ, ignoring those that may change on resume (and the
+    data paths when ``data_by_content``: the data fingerprint decides)."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         name = prefix + key
-        if name in RESUMABLE_CHANGES or name in DATA_PATHS:
+        if name in RESUMABLE_CHANGES or (data_by_content and name in DATA_PATHS):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, name + ".")
-        elif a != b and not (name == "model" and _same_local_model(a, b)):
+            diffs += config_differences(a, b, name + ".", data_by_content)
+        elif a != b and not (name == "model" and _same_directory(a, b)):
             diffs.append(name)
     return diffs
 
 
-def _same_local_model(old: object, new: object) -> bool:
-    """The same model directory spelled another way: one path (relative to another working
-    directory) or a moved project's (the old path is gone, the folder name is the same)."""
-    if not isinstance(old, str) or not isinstance(new, str) or not Path(new).exists():
+def _same_directory(old: object, new: object) -> bool:
+    """Two spellings of one existing directory (e.g. relative to different working dirs)."""
+    if not isinstance(old, str) or not isinstance(new, str):
         return False
-    if Path(old).exists():
-        return os.path.samefile(old, new)
-    return Path(old).name == Path(new).name
+    try:
+        return os.path.samefile(Path(old).expanduser(), Path(new).expanduser())
+    except OSError:
+        return False
 
 
 def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, precision: Precision):
