@@ -317,3 +317,23 @@ def test_an_adapter_saved_with_its_own_chat_template_is_prompted_with_it(
     assert outs[0].prompt_token_ids == alpaca
     assert outs[1].prompt_token_ids == outs[2].prompt_token_ids == llm.encode_chat(chat)
     assert alpaca != llm.encode_chat(chat)
+
+
+def test_a_qlora_adapter_loads_with_a_warning_about_its_base(tiny_llm, adapters, tmp_path, caplog):
+    import shutil
+
+    import torch
+
+    from tunelab.export.qlora import write_marker
+
+    qlora = tmp_path / "qlora"
+    shutil.copytree(adapters("llama")["a1"], qlora)
+    write_marker(qlora, torch.bfloat16)
+    llm = tiny_llm("llama")
+    with caplog.at_level("WARNING"):
+        llm.load_adapter("q", str(qlora))
+    assert "trained with QLoRA on an NF4-rounded base" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        llm.load_adapter("plain", adapters("llama")["a1"])
+    assert "QLoRA" not in caplog.text

@@ -153,7 +153,17 @@ class LLMEngine:
         base_template = getattr(self.tokenizer, "chat_template", None)
         if isinstance(base_template, dict):
             base_template = base_template.get("default")
-        return self.lora.load(name, path, base_template)
+        loaded = self.lora.load(name, path, base_template)
+        from tunelab.export.qlora import detect_qlora
+
+        if detect_qlora(Path(path)).qlora:  # the base is shared: it cannot be NF4 for one
+            log.warning(
+                "adapter %r was trained with QLoRA on an NF4-rounded base; the engine applies "
+                "it to the full-precision base, so outputs differ slightly from the trained "
+                "model's. For the exact model, `tunelab merge` it (merges into the NF4 base).",
+                name,
+            )
+        return loaded
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name``; refused while an unfinished request uses it."""
