@@ -28,6 +28,7 @@ STATS_ROWS = (
     "tokens (train)",
     "trained tokens (train)",
     "packing efficiency at 64",
+    "packing (data.packing)",
 )
 
 

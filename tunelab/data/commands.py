@@ -75,6 +75,10 @@ def run_prepare(config: str, overrides: list[str], out: TextIO | None = None) ->
         ("tokens (train)", s.tokens),
         ("trained tokens (train)", s.trained_tokens),
         (f"packing efficiency at {job.data.max_length}", f"{(s.packing_efficiency or 0):.1%}"),
+        (
+            "packing (data.packing)",
+            "on" if job.data.packing else "off: the row above is what it would give",
+        ),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
