@@ -102,6 +102,12 @@ def test_dir_without_tokenizer(capsys, tiny_copy):
     assert "tokenizer" in line and str(tiny_copy) in line
 
 
+def test_dir_with_a_tokenizer_config_but_no_tokenizer_json(capsys, tiny_copy):
+    (tiny_copy / "tokenizer.json").unlink()
+    line = run_cli(capsys, generate_argv(tiny_copy))
+    assert "tokenizer.json is missing: copy the tokenizer files" in line
+
+
 @pytest.mark.parametrize(
     ("device", "hint"),
     [

@@ -84,10 +84,16 @@ def load_tokenizer(model_dir: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises many types (a bad config.json too)
-        why = (str(e) or type(e).__name__).strip().splitlines()[0]
+        why = " ".join((str(e) or type(e).__name__).split())  # one line
+        why = why if len(why) <= 240 else why[:240] + "..."
+        fix = (
+            ""
+            if (model_dir / "tokenizer.json").exists()
+            else "; tokenizer.json is missing: copy the tokenizer files of the base model into it"
+        )
         raise TunelabError(
-            f"cannot load the tokenizer in {model_dir} (transformers reads its config.json "
-            f"too): {why}"
+            f"cannot load the tokenizer in {model_dir}{fix} (transformers says: {why}; it "
+            "reads config.json too)"
         ) from e
 
 
