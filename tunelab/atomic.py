@@ -1,10 +1,12 @@
-"""Atomic file-system writes: a directory is complete or absent, never half-written."""
+"""Atomic file-system writes: a directory or file is complete or absent, never half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -53,6 +55,25 @@ class atomic_directory:  # lower-case: reads like a function in `with atomic_dir
                 shutil.rmtree(old, ignore_errors=True)
             else:  # --overwrite of a file (or a link) where a directory now goes
                 old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Write a file at the path this yields (a temp sibling); on success it is fsynced, given
+    the modes a plain write would have and renamed to ``out``; on failure it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.chmod(0o666 & ~_UMASK)  # mkstemp makes it 0600
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left after os.replace
 
 
 def _umask() -> int:

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 
 from tunelab import __version__
-from tunelab.engine.flags import add_engine_flags
+from tunelab.engine.flags import add_device_flag, add_engine_flags
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -169,11 +169,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "a .gguf file, org/name or hf://org/name (Hugging Face), modelscope://org/name "
         "(default: %(default)s)",
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cuda, cuda:N, npu, npu:N, mps or cpu (default: best available; env TUNELAB_DEVICE)",
-    )
+    add_device_flag(p)
     p.add_argument(
         "--dtype",
         default=None,

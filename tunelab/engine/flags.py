@@ -14,6 +14,15 @@ BACKENDS = ("auto", "sdpa", "triton")
 _GRAPHS = {"auto": None, "on": True, "off": False}
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    """``--device``, as every verb that runs a model takes it."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N, npu, npu:N, mps or cpu (default: best available; env TUNELAB_DEVICE)",
+    )
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Add the engine flags to ``p`` (every default leaves the choice to the device)."""
     g = p.add_argument_group("engine")

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tunelab.atomic import atomic_file
 from tunelab.engine.llm_engine import EngineConfig, LLMEngine
 from tunelab.engine.outputs import RequestOutput
 from tunelab.engine.prompts import check_strings
@@ -222,18 +223,9 @@ def finished_ids(path: Path) -> set[str]:
         kept.append(raw + b"\n")
     if failed:
         log.info("retrying %d failed request(s) from %s", failed, path)
-        _rewrite(path, b"".join(kept))
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"".join(kept))
     return ids
-
-
-def _rewrite(path: Path, data: bytes) -> None:
-    """Replace ``path``'s content atomically (a temp sibling, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _progress(enabled: bool):

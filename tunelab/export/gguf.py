@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from tunelab.atomic import atomic_file
 from tunelab.errors import TunelabError
 from tunelab.models.decoder import Decoder
 from tunelab.models.gguf_import import TENSOR_NAME_MAP
@@ -109,9 +109,7 @@ def write_gguf(
 
     config = model.config
     arch = GGUF_ARCH[config.model_type]
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out_file) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(name)
         writer.add_file_type(FILE_TYPES[quant])
@@ -123,12 +121,6 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info(
         "wrote %s (%s, pre-tokenizer %s, tensors %s, %.1f MB)",
         out_file,

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tunelab.engine.flags import add_engine_flags, engine_config
+from tunelab.engine.flags import add_device_flag, add_engine_flags, engine_config
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -45,11 +45,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="the model's name in the API (default: --model)"
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cuda, cuda:N, npu, npu:N, mps or cpu (default: best available; env TUNELAB_DEVICE)",
-    )
+    add_device_flag(p)
     p.add_argument(
         "--dtype",
         default=None,
