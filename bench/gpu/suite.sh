@@ -15,7 +15,8 @@
 # Each command is cut at STEP_TIMEOUT seconds (default 540) and at what is left of BUDGET; the
 # exit code is the first failing command's, so an early failure is not hidden by a later
 # success.
-# Needs the carried folders made by bench/gpu/prepare.sh: run(..., carry=[".whl", ".gpu"]).
+# Needs the carried folders made by bench/gpu/prepare.sh: run(..., carry=[".whl", ".gpu"])
+# (WHEELS_DIR names another wheel folder; a missing one installs nothing).
 # Logs go to $OUT/<stage>.log (the device tool brings $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
